@@ -1,0 +1,1 @@
+"""synthmed Prefect layer: flows that chain the stage functions, deployments, CLI."""

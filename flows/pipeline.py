@@ -1,0 +1,109 @@
+"""The Prefect flow: ingest -> train/select -> synthesize -> filter -> retrain -> report,
+then commit the outputs to DVC. Thin on purpose: policy (retries, caching) sits in the
+task options, logic in ``tasks``.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
+from pydantic import BaseModel, Field
+
+from generators.errors import TransientError
+from tasks.config import load_pipeline
+from tasks.paths import PipelinePaths
+from tasks.stages import ORDER, fingerprint, run_stage, up_to_date
+
+
+class AugmentParams(BaseModel):
+    """Typed flow parameters (rendered as a form in the Prefect UI)."""
+
+    pipeline: str = Field("demo", description="name of a pipeline in pipelines.yaml")
+    config: str = Field("pipelines.yaml", description="path of the pipelines file; outputs go next to it")
+    dvc_commit: bool = Field(True, description="record the outputs in DVC (dvc commit) at the end")
+    dvc_push: bool = Field(False, description="push the outputs to the DVC remote at the end")
+
+
+def _retry_only_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
+    """Retry network/storage hiccups only; bad data or config fail at once."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth a retry
+        return False
+    return False
+
+
+def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Cache on the stage fingerprint, but only while its outputs on disk still match."""
+    verb, config, pipeline = parameters["verb"], Path(parameters["config"]), parameters["pipeline"]
+    cfg = load_pipeline(pipeline, config)
+    paths = PipelinePaths(config.resolve().parent, pipeline)
+    if up_to_date(verb, cfg, paths) is None:
+        return None
+    return f"synthmed-{pipeline}-{verb}-{fingerprint(verb, cfg, paths)}"
+
+
+@task(
+    task_run_name="{verb}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_only_transient,
+    cache_key_fn=_stage_cache_key,
+    persist_result=True,
+)
+def stage(verb: str, pipeline: str, config: str) -> dict[str, Any]:
+    """Run one stage function (skipped when its outputs are current)."""
+    cfg = load_pipeline(pipeline, config)
+    paths = PipelinePaths(Path(config).resolve().parent, pipeline)
+    summary = run_stage(verb, cfg, paths, force=False)
+    get_run_logger().info("%s: %s", verb, "up to date, skipped" if summary.get("skipped") else "done")
+    return summary
+
+
+def _png_markdown(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"![{path.stem}](data:image/png;base64,{data})"
+
+
+def publish_artifacts(pipeline: str, report: dict[str, Any], versions: dict[str, Any] | None) -> None:
+    """Report table, image grids and data versions as Prefect artifacts."""
+    key = pipeline.lower().replace("_", "-")
+    if report.get("table"):
+        create_table_artifact(key=f"{key}-metrics", table=report["table"], description="real-only vs augmented")
+    images = [Path(p) for p in report.get("images", []) if Path(p).is_file()]
+    if images:
+        create_markdown_artifact(
+            key=f"{key}-grids", markdown="\n\n".join(_png_markdown(p) for p in images), description="real vs synthetic"
+        )
+    if report.get("markdown"):
+        create_markdown_artifact(key=f"{key}-report", markdown=report["markdown"], description="synthmed report")
+    if versions:
+        rows = [{"output": k, "md5": v} for k, v in sorted(versions.get("outputs", {}).items())]
+        rows.append({"output": "git commit", "md5": versions.get("git_commit") or "(not in a git repo)"})
+        create_table_artifact(key=f"{key}-versions", table=rows, description="DVC versions of this run's outputs")
+
+
+@flow(name="synthmed-augment", log_prints=False)
+def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
+    """One augmentation run of a named pipeline; returns each stage's summary."""
+    logger = get_run_logger()
+    load_pipeline(params.pipeline, params.config)  # fail fast with a readable config error
+    summaries: dict[str, Any] = {}
+    for verb in ORDER:
+        summaries[verb] = stage(verb, params.pipeline, str(params.config))
+    versions = None
+    if params.dvc_commit:
+        from flows.versioning import commit_outputs
+
+        versions = commit_outputs(Path(params.config).resolve().parent, params.pipeline, push=params.dvc_push)
+        summaries["versions"] = versions
+    publish_artifacts(params.pipeline, summaries["report"], versions)
+    logger.info("report: %s", summaries["report"].get("report"))
+    return summaries

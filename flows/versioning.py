@@ -1,0 +1,85 @@
+"""Version a run's outputs with DVC: ``dvc commit`` the pipeline's stages (and ``dvc push``
+when asked), then read back the hashes from ``dvc.lock`` for the run's artifact.
+
+Runs the real ``dvc`` CLI (``python -m dvc``) under an exclusive file lock, so two runs
+finishing at once cannot interleave their writes to ``dvc.lock`` or the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from generators.errors import SynthmedError, TransientError
+from tasks.stages import ORDER
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def repo_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock for DVC operations in ``root`` (blocks until free)."""
+    lock_path = root / ".synthmed" / "dvc-ops.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def dvc(root: Path, *args: str, timeout_s: float = 1800) -> str:
+    """Run ``dvc ARGS`` in ``root``; raises SynthmedError (TransientError for push/pull
+    network failures) with DVC's own last error line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, timeout=timeout_s
+    )
+    if proc.returncode != 0:
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
+        error = TransientError if args and args[0] in ("push", "pull", "fetch") else SynthmedError
+        raise error(f"dvc {' '.join(args)} failed in {root}: {last}")
+    return proc.stdout
+
+
+def pipeline_stages(root: Path, pipeline: str) -> list[str]:
+    """Names of the dvc.yaml stages that belong to ``pipeline`` (``<verb>`` for demo-style
+    files that name stages by verb and pass ``--pipeline <name>``)."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return []
+    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {})
+    return [name for name, spec in stages.items() if f"--pipeline {pipeline}" in str(spec.get("cmd", ""))]
+
+
+def commit_outputs(root: Path, pipeline: str, push: bool = False) -> dict[str, Any]:
+    """Record the pipeline's outputs in DVC; returns {"outputs": {path: md5}, "git_commit": sha}."""
+    root = Path(root)
+    stages = pipeline_stages(root, pipeline)
+    if not stages or not (root / ".dvc").is_dir():
+        log.warning("pipeline %s has no stages in %s/dvc.yaml (or no .dvc); outputs not versioned", pipeline, root)
+        return {"outputs": {}, "git_commit": _git_commit(root), "versioned": False}
+    ordered = sorted(stages, key=lambda name: ORDER.index(name) if name in ORDER else len(ORDER))
+    with repo_lock(root):
+        dvc(root, "commit", "--force", *ordered)
+        if push:
+            dvc(root, "push", *ordered)
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    outputs = {
+        out["path"]: out.get("md5", "")
+        for name in ordered
+        for out in lock.get("stages", {}).get(name, {}).get("outs", [])
+    }
+    return {"outputs": outputs, "git_commit": _git_commit(root), "versioned": True, "pushed": push}
+
+
+def _git_commit(root: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None

@@ -1,0 +1,1 @@
+"""synthmed generator zoo: contract, model cards, registry, architectures, training."""

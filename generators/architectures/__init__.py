@@ -1,0 +1,1 @@
+"""Generator architectures built from MONAI networks."""

@@ -1,0 +1,154 @@
+"""Model cards: YAML validated by pydantic, the I/O contract and provenance of a generator.
+
+A card can express every field of a medigan ``global.json`` entry (see
+``generators.medigan``) and of a MONAI bundle's ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from generators.errors import ConfigError
+
+ARCHITECTURES = ("cgan", "dcgan", "monai_bundle", "torchscript", "external")
+
+
+class CardModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Metric(CardModel):
+    """A measured number. ``extractor`` names the feature network for FID/KID."""
+
+    value: float
+    higher_is_better: bool = False
+    extractor: str | None = None
+    note: str = ""
+
+
+class Conditioning(CardModel):
+    """Class labels the generator accepts, and whether it also emits a segmentation mask."""
+
+    labels: tuple[str, ...] = ()
+    masks: bool = False
+    mask_classes: tuple[str, ...] = ()
+
+
+class TrainingInfo(CardModel):
+    dataset: str = ""
+    dataset_licence: str = ""
+    images: int | None = None
+    epochs: int | None = None
+    time_s: float | None = None
+    device: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Weights(CardModel):
+    """Weights file relative to the card, checked by sha256 before loading.
+    ``file`` None means the weights are not available here (card still searchable)."""
+
+    file: str | None = None
+    sha256: str | None = None
+    format: Literal["safetensors", "torch", "torchscript"] = "safetensors"
+
+
+class Origin(CardModel):
+    """Where an imported model came from, with credit."""
+
+    kind: Literal["synthmed", "medigan", "monai_bundle", "torchscript", "contributed"] = "synthmed"
+    url: str = ""
+    citation: str = ""
+    authors: str = ""
+
+
+class ModelCard(CardModel):
+    """Everything a user needs to pick, trust and run a generator."""
+
+    id: str
+    version: str
+    name: str = ""
+    description: str = ""
+    changelog: dict[str, str] = Field(default_factory=dict)
+    architecture: str
+    network: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
+    modality: str
+    anatomy: str
+    image_size: tuple[int, int]
+    channels: int = Field(ge=1)
+    dtype: Literal["float32"] = "float32"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    latent_dim: int | None = None
+    conditioning: Conditioning = Conditioning()
+    training: TrainingInfo = TrainingInfo()
+    licence: str
+    metrics: dict[str, Metric] = Field(default_factory=dict)
+    weights: Weights = Weights()
+    dependencies: tuple[str, ...] = ()
+    intended_use: str = "research only; not for clinical use"
+    origin: Origin = Origin()
+    tags: tuple[str, ...] = ()
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_safe(cls, value: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_./")
+        if not value or set(value.lower()) - allowed or ".." in value or "@" in value:
+            raise ValueError("id must be letters, digits, '-', '_', '.', '/' (no '@', no '..')")
+        return value
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            guess = difflib.get_close_matches(value, ARCHITECTURES, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            raise ValueError(f"unknown architecture '{value}'; allowed: {', '.join(ARCHITECTURES)}{hint}")
+        return value
+
+    @property
+    def ref(self) -> str:
+        """``id@version``: what synthetic rows record in their ``source`` column."""
+        return f"{self.id}@{self.version}"
+
+    @property
+    def available(self) -> bool:
+        return self.weights.file is not None
+
+
+def card_error(exc: ValidationError, origin: str) -> ConfigError:
+    parts = []
+    for item in exc.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            guess = difflib.get_close_matches(str(item["loc"][-1]), list(ModelCard.model_fields), n=1)
+            message = "unknown key" + (f" (did you mean '{guess[0]}'?)" if guess else "")
+        parts.append(f"{key}: {message}")
+    return ConfigError(f"{origin}: invalid model card: {'; '.join(parts)}; see generators/cards/*.yaml for examples")
+
+
+def load_card(path: Path | str) -> ModelCard:
+    """Read and validate a card YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: model card not found; pass the path of a card YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: model card is not valid YAML ({exc}); fix the syntax") from None
+    try:
+        return ModelCard.model_validate(data)
+    except ValidationError as exc:
+        raise card_error(exc, str(path)) from None
+
+
+def save_card(card: ModelCard, path: Path | str) -> None:
+    """Write a card as YAML with stable key order."""
+    data = card.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -1,0 +1,393 @@
+"""The on-disk dataset format: a directory of Parquet shards plus ``_manifest.json``.
+
+One row per 2D image. Columns (extend, never break):
+
+=========  ========  ==========================================================
+column     type      meaning
+=========  ========  ==========================================================
+id         string    unique within the dataset; rows are sorted by it
+subject    string    pseudonymised subject (or grouping unit) id
+split      string    ``train`` / ``val`` / ``test`` (synthetic rows: ``train``)
+label      string    class name, null when unlabelled
+image      binary    lossless PNG, ``channels`` x ``height`` x ``width``, ``dtype``
+mask       binary    lossless PNG (uint8 class indices) or null
+height     int32
+width      int32
+channels   int16
+dtype      string    ``uint8`` or ``uint16``: the PNG's sample type
+source     string    input uri, or ``generator-id@version`` for synthetic rows
+seed       int64     per-shard seed of synthetic rows, null for real rows
+=========  ========  ==========================================================
+
+The quality stage appends float64 columns named ``q_<score>``.
+
+Writes are deterministic (same rows -> byte-identical shards, no timestamps anywhere)
+and atomic: shards are written to a staging directory next to the target and swapped
+into place only when the manifest is complete, so a crashed run leaves the previous
+version (or nothing) and never a half shard. The module lives in ``generators``, the
+lowest layer, because both the stages and the registry's ``generate`` write datasets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from generators.errors import DataError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "_manifest.json"
+SPLITS = ("train", "val", "test")
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("subject", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("image", pa.binary()),
+        ("mask", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int16()),
+        ("dtype", pa.string()),
+        ("source", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+BASE_COLUMNS = tuple(BASE_SCHEMA.names)
+PNG_COMPRESS_LEVEL = 1  # chosen by benchmarks/bench_encoding.py: lossless either way
+
+
+# --------------------------------------------------------------------------- images
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode a ``(C, H, W)`` uint8/uint16 array (C = 1 or 3) as lossless PNG bytes."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise DataError(
+            f"expected an image of shape (C, H, W) with C in (1, 3), got {image.shape}; "
+            "convert to grey or RGB channel-first first"
+        )
+    if image.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"expected uint8 or uint16 pixels, got {image.dtype}; quantise first")
+    if image.shape[0] == 3 and image.dtype != np.uint8:
+        raise DataError("expected 8-bit samples for RGB PNG, got uint16; use grey or 8-bit")
+    array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Decode PNG bytes to a ``(C, H, W)`` uint8 or uint16 array."""
+    with Image.open(io.BytesIO(data)) as img:
+        array = np.asarray(img)
+    if array.dtype == np.int32 or array.dtype == np.uint32:  # PIL mode "I" for 16-bit
+        array = array.astype(np.uint16)
+    if array.ndim == 2:
+        return array[None]
+    return np.moveaxis(array, -1, 0)
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """Map uint8/uint16 pixels to float32 in [0, 1] (divides by the dtype's maximum)."""
+    return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+
+
+def from_unit_float(image: np.ndarray, dtype: str) -> np.ndarray:
+    """Clip float pixels to [0, 1] and quantise to ``dtype`` (``uint8`` or ``uint16``)."""
+    info = np.iinfo(np.dtype(dtype))
+    clipped = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0)
+    return np.rint(clipped * info.max).astype(dtype)
+
+
+# --------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Row:
+    """One dataset row before encoding. ``image``: (C, H, W) uint8/uint16; ``mask``: (H, W) uint8."""
+
+    id: str
+    subject: str
+    split: str
+    label: str | None
+    image: np.ndarray
+    source: str
+    mask: np.ndarray | None = None
+    seed: int | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        mask = None if self.mask is None else encode_png(self.mask.astype(np.uint8)[None])
+        return {
+            "id": self.id,
+            "subject": self.subject,
+            "split": self.split,
+            "label": self.label,
+            "image": encode_png(self.image),
+            "mask": mask,
+            "height": int(self.image.shape[1]),
+            "width": int(self.image.shape[2]),
+            "channels": int(self.image.shape[0]),
+            "dtype": str(self.image.dtype),
+            "source": self.source,
+            "seed": self.seed,
+        }
+
+
+def records_to_table(records: Sequence[dict[str, Any]], schema: pa.Schema = BASE_SCHEMA) -> pa.Table:
+    """Build an Arrow table with the fixed column order and types."""
+    columns = {name: [r.get(name) for r in records] for name in schema.names}
+    return pa.table(columns, schema=schema)
+
+
+# --------------------------------------------------------------------------- files
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write one shard deterministically: temp file in the same directory, then rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(
+            table, tmp, compression="zstd", use_dictionary=["split", "label", "dtype", "source"]
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write JSON with sorted keys (stable bytes), atomically."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging`` with two renames; the old version is removed last."""
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def class_counts(table: pa.Table) -> dict[str, dict[str, int]]:
+    """``{split: {label: count}}`` with sorted keys; unlabelled rows count under ``""``."""
+    counts: dict[str, Counter[str]] = {}
+    for split, label in zip(table.column("split").to_pylist(), table.column("label").to_pylist()):
+        counts.setdefault(split, Counter())[label or ""] += 1
+    return {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
+
+
+class DatasetWriter:
+    """Stream tables into shards of ``shard_rows`` rows; ``close()`` writes the manifest.
+
+    Use as a context manager. Rows must arrive in final order (sorted by id) so that the
+    same input gives the same shards. On an exception nothing replaces the target.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        *,
+        shard_rows: int = 1024,
+        schema: pa.Schema = BASE_SCHEMA,
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
+        if shard_rows < 1:
+            raise DataError(f"expected shard_rows >= 1, got {shard_rows}")
+        self.target = Path(target)
+        self.schema = schema
+        self.shard_rows = shard_rows
+        self.provenance = provenance or {}
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.target.with_name(f".{self.target.name}.staging-{uuid.uuid4().hex}")
+        self.staging.mkdir()
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._shards: list[dict[str, Any]] = []
+        self._counts: dict[str, Counter[str]] = {}
+        self._ids_seen = 0
+
+    def write_records(self, records: Sequence[dict[str, Any]]) -> None:
+        if records:
+            self.write_table(records_to_table(records, self.schema))
+
+    def write_table(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        for split, c in class_counts(table).items():
+            self._counts.setdefault(split, Counter()).update(c)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        merged = pa.concat_tables(self._pending)
+        shard, rest = merged.slice(0, rows), merged.slice(rows)
+        name = f"part-{len(self._shards):05d}.parquet"
+        path = self.staging / name
+        write_parquet_atomic(shard, path)
+        self._shards.append({"file": name, "rows": shard.num_rows, "sha256": sha256_file(path)})
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def close(self) -> dict[str, Any]:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "rows": sum(s["rows"] for s in self._shards),
+            "shards": self._shards,
+            "columns": list(self.schema.names),
+            "class_counts": {s: dict(sorted(c.items())) for s, c in sorted(self._counts.items())},
+            "provenance": self.provenance,
+        }
+        write_json_atomic(manifest, self.staging / MANIFEST_NAME)
+        replace_dir(self.staging, self.target)
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_dataset(
+    target: Path,
+    records: Iterable[dict[str, Any]],
+    *,
+    shard_rows: int = 1024,
+    schema: pa.Schema = BASE_SCHEMA,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``records`` (already in final order) as a dataset; returns the manifest."""
+    writer = DatasetWriter(target, shard_rows=shard_rows, schema=schema, provenance=provenance)
+    with writer:
+        batch: list[dict[str, Any]] = []
+        for record in records:
+            batch.append(record)
+            if len(batch) >= shard_rows:
+                writer.write_records(batch)
+                batch = []
+        writer.write_records(batch)
+    return read_manifest(target)
+
+
+# --------------------------------------------------------------------------- reading
+def read_manifest(dataset: Path) -> dict[str, Any]:
+    """Load ``_manifest.json``; a clear error when the directory is not a dataset."""
+    path = Path(dataset) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{dataset}: expected a synthmed dataset (Parquet shards + {MANIFEST_NAME}), "
+            "found none; run the stage that writes it first"
+        )
+    return json.loads(path.read_text())
+
+
+def verify_dataset(dataset: Path) -> dict[str, Any]:
+    """Check every shard's sha256 against the manifest; returns the manifest."""
+    manifest = read_manifest(dataset)
+    for shard in manifest["shards"]:
+        path = Path(dataset) / shard["file"]
+        if not path.is_file() or sha256_file(path) != shard["sha256"]:
+            raise DataError(
+                f"{path}: shard missing or its sha256 differs from {MANIFEST_NAME}; "
+                "rerun the stage that wrote this dataset"
+            )
+    return manifest
+
+
+def dataset_digest(dataset: Path) -> str:
+    """A short content id of a dataset: sha256 over its shards' sha256 values."""
+    manifest = read_manifest(dataset)
+    digest = hashlib.sha256()
+    for shard in manifest["shards"]:
+        digest.update(shard["sha256"].encode())
+    return digest.hexdigest()[:16]
+
+
+def iter_tables(
+    dataset: Path, columns: Sequence[str] | None = None, splits: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """Yield one table per shard (bounded memory), optionally filtered by split."""
+    manifest = read_manifest(dataset)
+    for shard in manifest["shards"]:
+        cols = list(columns) if columns else None
+        if cols and splits and "split" not in cols:
+            cols = cols + ["split"]
+        table = pq.read_table(Path(dataset) / shard["file"], columns=cols)
+        if splits:
+            mask = np.isin(np.asarray(table.column("split").to_pylist(), dtype=object), list(splits))
+            table = table.filter(pa.array(mask))
+        yield table
+
+
+def read_table(
+    dataset: Path, columns: Sequence[str] | None = None, splits: Sequence[str] | None = None
+) -> pa.Table:
+    """The whole dataset (or some splits/columns) as one table."""
+    tables = list(iter_tables(dataset, columns, splits))
+    if not tables:
+        names = list(columns) if columns else BASE_SCHEMA.names
+        return BASE_SCHEMA.empty_table().select([n for n in names if n in BASE_COLUMNS])
+    return pa.concat_tables(tables, promote_options="default")
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    """Decoded images of a table. ``images``: float32 (N, C, H, W) in [0, 1];
+    ``masks``: int64 (N, H, W) or None; ``labels``: list of class names (or None)."""
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    labels: list[str | None]
+    ids: list[str]
+
+
+def decode_table(table: pa.Table) -> ImageArrays:
+    """Decode the ``image`` (and ``mask`` where every row has one) columns of a table."""
+    blobs = table.column("image").to_pylist()
+    images = [to_unit_float(decode_png(b)) for b in blobs]
+    stacked = (
+        np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 1), np.float32)
+    )
+    masks = None
+    if "mask" in table.column_names:
+        mask_blobs = table.column("mask").to_pylist()
+        if mask_blobs and all(m is not None for m in mask_blobs):
+            masks = np.stack([decode_png(m)[0] for m in mask_blobs]).astype(np.int64)
+    labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(blobs)
+    ids = table.column("id").to_pylist() if "id" in table.column_names else [str(i) for i in range(len(blobs))]
+    return ImageArrays(images=stacked, masks=masks, labels=labels, ids=ids)

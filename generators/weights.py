@@ -1,0 +1,51 @@
+"""Safe weight files: sha256-verified before any byte is deserialised; safetensors or
+``torch.load(weights_only=True)`` only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from generators.errors import GeneratorError, IntegrityError
+from generators.shards import sha256_file
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> str:
+    """Write a state dict as safetensors (contiguous CPU tensors); returns its sha256."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(state_dict.items())}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sha256_file(path)
+
+
+def verify_sha256(path: Path, expected: str | None) -> None:
+    """Raise IntegrityError unless ``path`` exists and hashes to ``expected``."""
+    if not Path(path).is_file():
+        raise GeneratorError(f"{path}: weights file not found; restore it (dvc pull) or fix the card's weights.file")
+    if not expected:
+        raise IntegrityError(f"{path}: the card records no sha256 for its weights; add weights.sha256 to the card")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise IntegrityError(
+            f"{path}: sha256 {actual[:12]}... does not match the card's {expected[:12]}...; "
+            "the file is corrupt or was replaced: restore the original or re-register the model"
+        )
+
+
+def load_weights(path: Path, expected_sha256: str | None, fmt: str = "safetensors") -> dict[str, torch.Tensor]:
+    """Verify then load a state dict. ``fmt``: ``safetensors`` or ``torch`` (weights_only)."""
+    verify_sha256(path, expected_sha256)
+    if fmt == "safetensors":
+        return load_file(str(path), device="cpu")
+    if fmt == "torch":
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises bare Exception/UnpicklingError variants
+            raise GeneratorError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}); refusing to unpickle code") from None
+        if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
+            loaded = loaded["model"]
+        if not isinstance(loaded, dict):
+            raise GeneratorError(f"{path}: expected a state dict, got {type(loaded).__name__}")
+        return loaded
+    raise GeneratorError(f"unknown weights format '{fmt}'; allowed: safetensors, torch")

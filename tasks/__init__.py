@@ -1,0 +1,1 @@
+"""synthmed stage functions: plain Python, one module per stage, no Prefect import."""

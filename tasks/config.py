@@ -1,0 +1,314 @@
+"""pipelines.yaml: named pipelines, validated by one pydantic schema.
+
+Errors name the bad key by its full path and list the allowed values, e.g.::
+
+    pipelines.yaml: pipelines.demo.retrain.task: got 'segmentaton'; allowed: 'classification',
+    'segmentation' (did you mean 'segmentation'?)
+
+The YAML is pure data (no expressions, no ``_target_``); secrets come from the
+environment. DVC reads the same file as its params file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from generators.errors import ConfigError
+from generators.train_spec import TrainSpec
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sources
+class FolderSource(Strict):
+    """One sub-folder per class holding PNG/JPEG/DICOM/NIfTI files; subject = file stem
+    unless ``subject_regex`` extracts it from the file name."""
+
+    kind: Literal["folder"]
+    path: str
+    subject_regex: str | None = None
+
+
+class CsvSource(Strict):
+    """A CSV manifest with columns ``image`` (path), ``label``, ``subject`` and optional
+    ``mask``; paths are relative to ``root`` (default: the CSV's folder)."""
+
+    kind: Literal["csv"]
+    path: str
+    root: str | None = None
+
+
+class Mni152Source(Strict):
+    """The demo source: the real MNI152 2009a T1 template with grey/white-matter
+    probability maps, shipped inside nilearn's wheel (BSD-3). Axial slices are labelled by
+    anatomical level (MNI z band) and carry a tissue mask (0 background, 1 GM, 2 WM)."""
+
+    kind: Literal["mni152"]
+    levels_mm: tuple[float, ...] = (-20.0, 25.0)
+    level_names: tuple[str, ...] = ("inferior", "middle", "superior")
+
+    @model_validator(mode="after")
+    def _names_match_levels(self) -> "Mni152Source":
+        if len(self.level_names) != len(self.levels_mm) + 1:
+            raise ValueError(
+                f"level_names needs len(levels_mm)+1 = {len(self.levels_mm) + 1} names, "
+                f"got {len(self.level_names)}"
+            )
+        return self
+
+
+Source = Annotated[Union[FolderSource, CsvSource, Mni152Source], Field(discriminator="kind")]
+
+
+class SplitSpec(Strict):
+    """Subject-level split fractions; ``slab_slices`` groups neighbouring slices of one
+    volume into one split unit when a dataset has too few subjects to split."""
+
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    slab_slices: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitSpec":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:.3f}")
+        return self
+
+
+class PreprocessSpec(Strict):
+    """Resampling and quantisation applied at ingest. Volumes are sliced along
+    ``slice_axis``; slices whose foreground fraction is below ``min_foreground`` dropped."""
+
+    size: int = Field(64, ge=8, le=1024)
+    bit_depth: Literal[8, 16] = 8
+    channels: Literal[1, 3] = 1
+    slice_axis: Literal[0, 1, 2] = 2
+    min_foreground: float = Field(0.05, ge=0, le=1)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    split: SplitSpec = SplitSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PreprocessSpec":
+        low, high = self.clip_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {list(self.clip_percentiles)}")
+        if self.bit_depth == 16 and self.channels == 3:
+            raise ValueError("bit_depth 16 needs channels 1 (PNG stores RGB as 8-bit); use bit_depth 8 for RGB")
+        return self
+
+
+class GeneratorSpec(Strict):
+    """Exactly one of: a registry ``id`` (``name@version``), a search ``query`` (best
+    match ranked by ``rank_by``), or a ``train`` block."""
+
+    id: str | None = None
+    query: str | None = None
+    rank_by: str | None = None
+    train: TrainSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "GeneratorSpec":
+        given = [k for k in ("id", "query", "train") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'id', 'query', 'train'; got {given or 'none'}")
+        return self
+
+
+class SynthesisSpec(Strict):
+    """How many images per class; ``counts`` overrides ``count_per_class`` per label.
+    ``balance`` tops every class up to the largest real training class instead."""
+
+    count_per_class: int = Field(100, ge=0)
+    counts: dict[str, int] = Field(default_factory=dict)
+    balance: bool = False
+    shard_rows: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 1234
+
+
+class SanityFilter(Strict):
+    enabled: bool = True
+    min_std: float = Field(0.02, ge=0)
+    max_saturated_fraction: float = Field(0.5, ge=0, le=1)
+
+
+class LabelFilter(Strict):
+    """A classifier trained on real training images must give the conditioning label
+    at least ``min_confidence`` probability."""
+
+    enabled: bool = True
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    epochs: int = Field(15, ge=1)
+
+
+class QualitySpec(Strict):
+    sanity: SanityFilter = SanityFilter()
+    label_consistency: LabelFilter = LabelFilter()
+
+
+class AugmentSpec(Strict):
+    """albumentations applied to training images of the downstream model."""
+
+    hflip_p: float = Field(0.5, ge=0, le=1)
+    rotate_limit_deg: float = Field(10.0, ge=0, le=180)
+    rotate_p: float = Field(0.5, ge=0, le=1)
+    brightness_contrast_p: float = Field(0.3, ge=0, le=1)
+
+
+class RetrainSpec(Strict):
+    """Downstream model trained on real-only and real+synthetic with the same budget
+    (optimizer steps) and seeds, evaluated on the real test split."""
+
+    task: Literal["classification", "segmentation"] = "classification"
+    network: Literal["densenet", "resnet", "unet"] = "densenet"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    synthetic_ratio: float = Field(1.0, ge=0)
+    augment: AugmentSpec = AugmentSpec()
+
+    @model_validator(mode="after")
+    def _network_fits_task(self) -> "RetrainSpec":
+        fits = {"classification": ("densenet", "resnet"), "segmentation": ("unet",)}
+        if self.network not in fits[self.task]:
+            raise ValueError(
+                f"network '{self.network}' does not fit task '{self.task}'; "
+                f"allowed: {', '.join(fits[self.task])}"
+            )
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        return self
+
+
+class ReportSpec(Strict):
+    grid_per_class: int = Field(8, ge=1, le=64)
+
+
+class PipelineConfig(Strict):
+    """One named pipeline: every stage's parameters."""
+
+    description: str = ""
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads; fixed for bitwise reproducibility")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    source: Source
+    preprocess: PreprocessSpec = PreprocessSpec()
+    generator: GeneratorSpec
+    synthesis: SynthesisSpec = SynthesisSpec()
+    quality: QualitySpec = QualitySpec()
+    retrain: RetrainSpec = RetrainSpec()
+    report: ReportSpec = ReportSpec()
+
+
+class PipelinesFile(Strict):
+    pipelines: dict[str, PipelineConfig]
+
+    @field_validator("pipelines")
+    @classmethod
+    def _names_are_safe(cls, value: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
+        for name in value:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"pipeline name '{name}' must be letters, digits, '-' or '_'")
+        return value
+
+
+# --------------------------------------------------------------------------- errors
+def _allowed_keys(model: type[BaseModel] | None) -> list[str]:
+    return sorted(model.model_fields) if model else []
+
+
+SOURCES_BY_KIND: dict[str, type[BaseModel]] = {"folder": FolderSource, "csv": CsvSource, "mni152": Mni152Source}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that owns the last key of an error location (for listing allowed keys)."""
+    parts = list(loc[:-1])
+    model: type[BaseModel] | None = PipelinesFile
+    i = 0
+    while i < len(parts) and model is not None:
+        part = parts[i]
+        if model is PipelinesFile and part == "pipelines":
+            model, i = PipelineConfig, i + 2  # skip the pipeline's name
+            continue
+        if part == "source" and model is PipelineConfig:
+            tag = parts[i + 1] if i + 1 < len(parts) else None
+            model, i = SOURCES_BY_KIND.get(str(tag)), i + 2
+            continue
+        field = model.model_fields.get(str(part))
+        candidates = (field.annotation, *get_args(field.annotation)) if field else ()
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        i += 1
+    return model
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """One line per problem: ``origin: dotted.key: message; allowed: ... (did you mean ...?)``."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(_model_at(loc))
+            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            lines.append(f"{origin}: {key}: unknown key; allowed: {', '.join(allowed)}{hint}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
+            guess = difflib.get_close_matches(str(item.get("input")), options, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            lines.append(f"{origin}: {key}: got {item.get('input')!r}; allowed: {expected}{hint}")
+            continue
+        if item["type"] == "union_tag_invalid":
+            lines.append(f"{origin}: {key}: {message}")
+            continue
+        lines.append(f"{origin}: {key}: {message} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+def load_pipelines(path: Path | str = DEFAULT_CONFIG) -> PipelinesFile:
+    """Parse and validate a pipelines file; raises ConfigError with readable lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipelines file not found; pass --config PATH to an existing YAML")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix the syntax") from None
+    if not isinstance(data, dict) or "pipelines" not in data:
+        raise ConfigError(f"{path}: expected a mapping with a top-level 'pipelines:' key, got {type(data).__name__}")
+    try:
+        return PipelinesFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path.name)) from None
+
+
+def load_pipeline(name: str, path: Path | str = DEFAULT_CONFIG) -> PipelineConfig:
+    """One named pipeline; an unknown name lists the known ones."""
+    pipelines = load_pipelines(path).pipelines
+    if name not in pipelines:
+        guess = difflib.get_close_matches(name, list(pipelines), n=1)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+        raise ConfigError(
+            f"{Path(path).name}: no pipeline named '{name}'; known: {', '.join(sorted(pipelines))}{hint}"
+        )
+    return pipelines[name]

@@ -1,0 +1,67 @@
+"""Keyed pseudonyms for subject ids: ``sub-`` + 12 hex chars of HMAC-SHA256.
+
+The key comes from the environment variable ``SYNTHMED_PSEUDONYM_KEY``. When it is not
+set, a fixed, public default key (:data:`DEFAULT_KEY`) is used so that ``dvc repro`` in a
+fresh clone gives byte-identical datasets; a warning is logged once per process. The
+default key is published in this file, so it hides nothing from anyone who can guess
+the raw ids: set the environment variable (and keep it out of git) for real patient data.
+
+The same subject and key always give the same pseudonym; without the key the mapping
+cannot be inverted or recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import threading
+from typing import Literal
+
+from generators.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+KEY_ENV = "SYNTHMED_PSEUDONYM_KEY"
+DEFAULT_KEY = b"synthmed-public-default-pseudonym-key-v1"  # public: not a secret
+PREFIX = "sub-"
+HEX_CHARS = 12
+
+_warned = False
+_warn_lock = threading.Lock()
+
+
+def key_source() -> Literal["env", "default"]:
+    """Where the key comes from: ``"env"`` when ``SYNTHMED_PSEUDONYM_KEY`` is set and non-empty."""
+    return "env" if os.environ.get(KEY_ENV) else "default"
+
+
+def _key() -> bytes:
+    value = os.environ.get(KEY_ENV)
+    if value:
+        return value.encode("utf-8")
+    global _warned
+    with _warn_lock:
+        if not _warned:
+            _warned = True
+            logger.warning(
+                "%s is not set: subject ids are pseudonymised with the public default key; "
+                "set %s to a secret value for real patient data",
+                KEY_ENV,
+                KEY_ENV,
+            )
+    return DEFAULT_KEY
+
+
+def pseudonymise(subject: str) -> str:
+    """Map a raw subject id to ``"sub-" + 12 lowercase hex chars`` (HMAC-SHA256, keyed).
+
+    Leading/trailing whitespace is ignored, so ``" P01"`` and ``"P01"`` are one subject.
+    Raises :class:`DataError` for an empty id.
+    """
+    text = subject.strip()
+    if not text:
+        raise DataError("expected a non-empty subject id, got an empty one; fill in the subject")
+    digest = hmac.new(_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()
+    return PREFIX + digest[:HEX_CHARS]

@@ -1,0 +1,315 @@
+"""Small readers for the input formats of ingest: PNG/JPEG, DICOM, NIfTI.
+
+Every reader returns a :class:`Decoded` with float32 samples in the file's own units
+(no scaling yet) or raises :class:`ReadError`, whose message is the one-line reason
+that ingest writes to ``rejects.json``. Array conventions:
+
+- 2D images: ``(C, H, W)`` float32, C = 1 (grey) or 3 (RGB), raw sample values
+  (0..255 for 8-bit files, 0..65535 for 16-bit, modality units for DICOM after
+  RescaleSlope/Intercept, anything finite for float NIfTI).
+- volumes: ``(I, J, K)`` float32 voxel array in NIfTI index order; NIfTI files are
+  reoriented to the closest canonical (RAS+) orientation first, so axis 2 is axial.
+  A 2D cut ``volume[..., k]`` is displayed as ``np.rot90(cut)`` (see :func:`cut_volume`).
+  Multi-frame DICOM is stored as ``vol[i, j, k] = frames[k, rows - 1 - j, i]`` so that
+  ``cut_volume(vol, 2, k)`` gives frame ``k`` exactly as stored.
+- masks: the same spatial layout with uint8 class indices (0 = background).
+
+DICOM: only pixel data and the tags listed in :data:`DICOM_TAGS` are parsed
+(``specific_tags``); PatientID is pseudonymised inside :func:`read_dicom`, so no raw
+identifier ever leaves this module. PatientName, dates, institution etc. are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from generators.errors import DataError
+from tasks.pseudonym import pseudonymise
+
+logger = logging.getLogger(__name__)
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_TAGS = (
+    "PatientID",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "SharedFunctionalGroupsSequence",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "PixelData",
+)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
+class ReadError(DataError):
+    """One input file cannot be used; the message is the one-line reason for rejects.json."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded input.
+
+    ``array``: float32, ``(C, H, W)`` when ``kind == "image"``, ``(I, J, K)`` when
+    ``kind == "volume"``; raw sample values, all finite. ``eight_bit``: the samples are
+    8-bit (0..255, scaled by 1/255 at ingest rather than clipped at percentiles).
+    ``subject``: pseudonymised subject from the file (DICOM PatientID) or None.
+    """
+
+    array: np.ndarray
+    kind: Literal["image", "volume"]
+    eight_bit: bool
+    subject: str | None = None
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """Collapse an error message to one line of at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def file_format(path: Path) -> Literal["pil", "nifti", "dicom"] | None:
+    """The reader for a path by its suffix; other files (no suffix, or UID-style names
+    such as ``1.2.840.113619.2.55.3``) are sniffed for the DICOM preamble (``DICM`` at
+    byte 128). None: not a supported image file."""
+    name = path.name.lower()
+    if name.endswith(PIL_SUFFIXES):
+        return "pil"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return "dicom" if handle.read(4) == b"DICM" else None
+    except OSError:
+        return None
+
+
+def _check_finite(array: np.ndarray) -> None:
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ReadError(f"{bad} NaN/inf samples; expected finite intensities (fix or drop the file)")
+
+
+# --------------------------------------------------------------------------- PIL
+def read_pil(path: Path) -> Decoded:
+    """PNG/JPEG: ``(1, H, W)`` grey or ``(3, H, W)`` RGB float32 raw samples.
+
+    Modes: 1/L/LA/P/RGB/RGBA/CMYK/YCbCr are 8-bit (alpha dropped, palette expanded);
+    I;16* are 16-bit grey, I (int32) and F (float32) grey are high-range.
+    JPEG EXIF orientation is applied.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.format == "JPEG":
+                img = ImageOps.exif_transpose(img)
+            mode = img.mode
+            if mode in ("1", "L", "LA"):
+                array, eight_bit = np.asarray(img.convert("L")), True
+            elif mode in ("P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+                array, eight_bit = np.asarray(img.convert("RGB")), True
+            elif mode.startswith("I;16"):
+                array, eight_bit = np.asarray(img).astype(np.uint16), False
+            elif mode in ("I", "F"):
+                array, eight_bit = np.asarray(img), False
+            else:
+                raise ReadError(f"unsupported image mode {mode!r}; expected grey, RGB or 16-bit grey")
+    except ReadError:
+        raise
+    except _PIL_ERRORS as exc:
+        raise ReadError(f"unreadable or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None
+    pixels = array.astype(np.float32)
+    pixels = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+    _check_finite(pixels)
+    return Decoded(np.ascontiguousarray(pixels), "image", eight_bit)
+
+
+def read_pil_mask(path: Path) -> np.ndarray:
+    """A single-channel PNG mask as ``(H, W)`` integer class indices (int64, not checked)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise ReadError(f"mask mode {img.mode!r}; expected a single-channel image of class indices")
+            array = np.asarray(img)
+    except ReadError:
+        raise
+    except _PIL_ERRORS as exc:
+        raise ReadError(f"unreadable or corrupt mask ({type(exc).__name__}: {one_line(exc)})") from None
+    return array.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- NIfTI
+def _load_nifti(path: Path) -> np.ndarray:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(str(path))
+        if len(img.shape) >= 3:
+            img = nib.as_closest_canonical(img)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error, struct.error) as exc:
+        raise ReadError(f"unreadable or truncated NIfTI ({type(exc).__name__}: {one_line(exc)})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise ReadError(
+            f"NIfTI of shape {tuple(data.shape)}; expected 2D, 3D or 4D with one volume (split 4D series first)"
+        )
+    return data
+
+
+def read_nifti(path: Path) -> Decoded:
+    """NIfTI: 3D -> volume ``(I, J, K)``; 2D -> image ``(1, H, W)`` (``rot90`` of the array).
+    Scaling (scl_slope/inter) is applied; NaN/inf anywhere rejects the file."""
+    data = _load_nifti(path)
+    _check_finite(data)
+    if data.ndim == 2:
+        return Decoded(np.ascontiguousarray(np.rot90(data))[None], "image", False)
+    return Decoded(np.ascontiguousarray(data), "volume", False)
+
+
+def read_nifti_mask(path: Path) -> np.ndarray:
+    """A NIfTI mask as int64 class indices, same layout as :func:`read_nifti`'s array
+    (2D masks already rotated to ``(H, W)``). Non-integral values reject the mask."""
+    data = _load_nifti(path)
+    _check_finite(data)
+    rounded = np.rint(data)
+    if np.max(np.abs(data - rounded), initial=0.0) > 1e-3:
+        raise ReadError("mask has non-integer values; expected class indices (0 = background)")
+    out = rounded.astype(np.int64)
+    return np.ascontiguousarray(np.rot90(out)) if out.ndim == 2 else out
+
+
+# --------------------------------------------------------------------------- DICOM
+def _rescale(ds: object) -> tuple[float, float]:
+    slope = getattr(ds, "RescaleSlope", None)
+    intercept = getattr(ds, "RescaleIntercept", None)
+    shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    if (slope is None or intercept is None) and shared:
+        transform = getattr(shared[0], "PixelValueTransformationSequence", None)
+        if transform:
+            slope = getattr(transform[0], "RescaleSlope", slope)
+            intercept = getattr(transform[0], "RescaleIntercept", intercept)
+    return float(1.0 if slope is None else slope), float(0.0 if intercept is None else intercept)
+
+
+def read_dicom(path: Path) -> Decoded:
+    """DICOM: single frame -> image ``(1, H, W)`` (or ``(3, H, W)`` for RGB); multi-frame
+    grey -> volume ``(Columns, Rows, Frames)`` (see module doc). RescaleSlope/Intercept
+    applied. ``subject`` = pseudonymised PatientID, or None when absent/empty.
+    Only :data:`DICOM_TAGS` (and the file meta) are parsed."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), specific_tags=list(DICOM_TAGS))
+        if "PixelData" not in ds:
+            raise ReadError("DICOM has no PixelData; expected an image object (not a report or series index)")
+        pixels = np.asarray(ds.pixel_array)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+        slope, intercept = _rescale(ds)
+        raw_id = str(getattr(ds, "PatientID", "") or "").strip()
+    except ReadError:
+        raise
+    except (
+        InvalidDicomError,
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        NotImplementedError,
+        RuntimeError,
+        struct.error,
+    ) as exc:
+        # pydicom messages name tags and lengths, never element values: safe to record
+        raise ReadError(f"unreadable DICOM ({type(exc).__name__}: {one_line(exc)})") from None
+    subject = pseudonymise(raw_id) if raw_id else None
+    if samples not in (1, 3):
+        raise ReadError(f"DICOM with SamplesPerPixel={samples}; expected 1 (grey) or 3 (RGB)")
+    if samples == 3:
+        if frames > 1:
+            raise ReadError(f"multi-frame colour DICOM ({frames} frames); expected grey for volumes")
+        image = np.moveaxis(pixels.astype(np.float32), -1, 0)
+        return Decoded(np.ascontiguousarray(image), "image", bits == 8, subject)
+    values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    _check_finite(values)
+    eight_bit = bits == 8 and slope == 1.0 and intercept == 0.0
+    if frames > 1:
+        if values.ndim != 3:
+            raise ReadError(
+                f"DICOM says {frames} frames but decoded shape {values.shape}; expected (frames, rows, cols)"
+            )
+        volume = np.flip(values, axis=1).transpose(2, 1, 0)
+        return Decoded(np.ascontiguousarray(volume), "volume", eight_bit, subject)
+    if values.ndim != 2:
+        raise ReadError(f"DICOM pixel array of shape {values.shape}; expected (rows, cols)")
+    return Decoded(np.ascontiguousarray(values[None]), "image", eight_bit, subject)
+
+
+# --------------------------------------------------------------------------- dispatch
+def read_image(path: Path) -> Decoded:
+    """Read any supported image file; :class:`ReadError` for unsupported or corrupt files."""
+    kind = file_format(path)
+    if kind == "pil":
+        return read_pil(path)
+    if kind == "nifti":
+        return read_nifti(path)
+    if kind == "dicom":
+        return read_dicom(path)
+    raise ReadError("unsupported file type; expected .png, .jpg, .jpeg, .dcm (or DICOM without suffix), .nii, .nii.gz")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a mask (PNG or NIfTI) as uint8 class indices: ``(H, W)`` or ``(I, J, K)``.
+
+    A mask whose values are exactly {0, 255} (a binary mask saved as black/white) is
+    mapped to {0, 1}. Values outside 0..255 reject the mask."""
+    kind = file_format(path)
+    if kind == "pil":
+        data = read_pil_mask(path)
+    elif kind == "nifti":
+        data = read_nifti_mask(path)
+    else:
+        raise ReadError("unsupported mask file type; expected .png or .nii/.nii.gz with class indices")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise ReadError(f"mask values {int(data.min())}..{int(data.max())}; expected class indices 0..255")
+    values = np.unique(data)
+    if values.size == 2 and values[0] == 0 and values[1] == 255:
+        data = (data == 255).astype(np.int64)
+    return data.astype(np.uint8)
+
+
+def cut_volume(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2D cut of a volume at ``index`` along ``axis``, oriented for display:
+    ``np.rot90`` of the cut, shape ``(H, W)`` = (len of the higher remaining axis,
+    len of the lower one). Works for float volumes and uint8 masks alike."""
+    cut = volume[(slice(None),) * axis + (index,)]
+    return np.ascontiguousarray(np.rot90(cut))

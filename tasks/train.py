@@ -1,0 +1,157 @@
+"""Stage ``train``: train the pipeline's generator on the real training split, or select
+one from the registry (by id or search query), and place it in ``models/<pipeline>/generator``.
+
+Outputs: ``card.yaml`` (with the weights' sha256), ``weights.safetensors``,
+``history.csv`` (per-epoch losses, a DVC plot). Timing goes to ``metrics/<pipeline>/train.json``
+so that the versioned generator stays byte-identical across reruns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from generators import registry
+from generators.card import Conditioning, ModelCard, TrainingInfo, Weights, save_card
+from generators.errors import DataError, GeneratorError
+from generators.shards import dataset_digest, decode_table, read_manifest, read_table, replace_dir, write_json_atomic
+from generators.training import TrainingData, train_cgan
+from generators.weights import save_weights, verify_sha256
+from tasks.config import PipelineConfig
+from tasks.paths import PipelinePaths
+from tasks.runtime import setup_torch
+
+log = logging.getLogger(__name__)
+MASK_CLASSES = ("background", "grey_matter", "white_matter")
+
+
+def load_training_data(paths: PipelinePaths, with_masks: bool) -> TrainingData:
+    """Decode the real ``train`` split: images float32 (N, C, H, W) in [0, 1]."""
+    table = read_table(paths.real, splits=["train"])
+    if table.num_rows == 0:
+        raise DataError(f"{paths.real}: the train split is empty; add images or lower preprocess.split.val/test")
+    arrays = decode_table(table)
+    if any(label is None for label in arrays.labels):
+        raise DataError(f"{paths.real}: every training image needs a label for a conditional generator; fix the source labels")
+    names = tuple(sorted(set(arrays.labels)))
+    labels = np.array([names.index(label) for label in arrays.labels], dtype=np.int64)
+    masks = arrays.masks if with_masks else None
+    if with_masks and masks is None:
+        raise DataError(f"{paths.real}: generator.train.with_masks needs masks on every training image; ingest masks")
+    mask_classes = int(masks.max()) + 1 if masks is not None else 0
+    return TrainingData(arrays.images, labels, names, masks, max(mask_classes, len(MASK_CLASSES)) if masks is not None else 0)
+
+
+def _fingerprint(cfg: PipelineConfig, paths: PipelinePaths) -> str:
+    spec = cfg.generator.train.model_dump(mode="json") if cfg.generator.train else {}
+    payload = json.dumps({"spec": spec, "real": dataset_digest(paths.real), "threads": cfg.threads}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict[str, Any]:
+    spec = cfg.generator.train
+    if spec is None:
+        raise GeneratorError("generator.train is missing; give a train block or an id/query")
+    device = setup_torch(cfg, spec.seed)
+    data = load_training_data(paths, spec.with_masks)
+    manifest = read_manifest(paths.real)
+    checkpoint = paths.state / f"generator-{_fingerprint(cfg, paths)}.ckpt"
+    log.info("training cgan on %d images (%s), %d epochs, device %s", len(data.images), ", ".join(data.label_names), spec.epochs, device)
+
+    def progress(epoch: int, row: dict[str, float]) -> None:
+        if epoch == 1 or epoch % max(1, spec.epochs // 10) == 0 or epoch == spec.epochs:
+            log.info("epoch %d/%d  loss_d %.4f  loss_g %.4f", epoch, spec.epochs, row["loss_d"], row["loss_g"])
+
+    result = train_cgan(data, spec, device=device, checkpoint=checkpoint, on_epoch=progress)
+    sha = save_weights(result.generator, staging / "weights.safetensors")
+    size = data.images.shape[-1]
+    card = ModelCard(
+        id=f"synthmed/{paths.pipeline}-cgan",
+        version="1.0.0",
+        name=f"{paths.pipeline} class-conditional GAN",
+        description="Class-conditional GAN (MONAI Generator/Discriminator, hinge loss, EMA generator) "
+        f"trained by synthmed pipeline '{paths.pipeline}'.",
+        changelog={"1.0.0": "trained by the pipeline"},
+        architecture="cgan",
+        network={
+            "image_size": result.config.image_size,
+            "channels": result.config.channels,
+            "n_labels": result.config.n_labels,
+            "latent_dim": result.config.latent_dim,
+            "base_channels": result.config.base_channels,
+            "mask_classes": result.config.mask_classes,
+        },
+        modality=str(manifest["provenance"].get("modality", "unknown")),
+        anatomy=str(manifest["provenance"].get("anatomy", "unknown")),
+        image_size=(size, size),
+        channels=int(data.images.shape[1]),
+        latent_dim=spec.latent_dim,
+        conditioning=Conditioning(
+            labels=data.label_names,
+            masks=result.config.mask_classes > 0,
+            mask_classes=MASK_CLASSES[: result.config.mask_classes] if result.config.mask_classes else (),
+        ),
+        training=TrainingInfo(
+            dataset=f"{paths.pipeline} real train split (dataset {dataset_digest(paths.real)})",
+            dataset_licence=str(manifest["provenance"].get("licence", "see source")),
+            images=len(data.images),
+            epochs=spec.epochs,
+            config=spec.model_dump(mode="json"),
+        ),
+        licence=str(manifest["provenance"].get("licence", "see source")),
+        weights=Weights(file="weights.safetensors", sha256=sha, format="safetensors"),
+        dependencies=("torch", "monai"),
+        origin={"kind": "synthmed"},
+        tags=("conditional", "gan", f"{size}x{size}"),
+    )
+    save_card(card, staging / "card.yaml")
+    with open(staging / "history.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "loss_d", "loss_g"])
+        for row in result.history:
+            writer.writerow([int(row["epoch"]), f"{row['loss_d']:.6f}", f"{row['loss_g']:.6f}"])
+    checkpoint.unlink(missing_ok=True)
+    return {"generator": card.ref, "trained": True, "time_s": round(result.time_s, 2), "epochs": spec.epochs,
+            "images": len(data.images), "device": device, "resumed_from_epoch": result.resumed_from_epoch}
+
+
+def _select_existing(cfg: PipelineConfig, staging: Path) -> dict[str, Any]:
+    spec = cfg.generator
+    if spec.id:
+        entry = registry.find(spec.id)
+    else:
+        found = [e for e in registry.search(spec.query or "", rank_by=spec.rank_by) if e.card.available]
+        if not found:
+            raise GeneratorError(f"no available generator matches query '{spec.query}'; try 'synthmed generators search'")
+        entry = found[0]
+    weights = entry.weights_path
+    if weights is None:
+        raise GeneratorError(f"{entry.card.ref}: weights not available here; choose another generator")
+    verify_sha256(weights, entry.card.weights.sha256)
+    shutil.copyfile(entry.path, staging / "card.yaml")
+    shutil.copyfile(weights, staging / entry.card.weights.file)
+    return {"generator": entry.card.ref, "trained": False}
+
+
+def train(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
+    """Train or select the generator; returns a summary (ref, timing)."""
+    paths.generator.parent.mkdir(parents=True, exist_ok=True)
+    paths.state.mkdir(parents=True, exist_ok=True)
+    staging = paths.generator.with_name(f".{paths.generator.name}.staging-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        summary = _train_new(cfg, paths, staging) if cfg.generator.train else _select_existing(cfg, staging)
+        replace_dir(staging, paths.generator)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(summary, paths.metrics / "train.json")
+    return summary

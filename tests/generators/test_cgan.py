@@ -1,0 +1,105 @@
+"""Conditional GAN: shapes, value range, determinism, training progress, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from generators.architectures.cgan import CganConfig, CganModel, ConditionalDiscriminator, ConditionalGenerator
+from generators.card import Conditioning, ModelCard, Weights
+from generators.errors import DataError, GeneratorError
+from generators.training import TrainingData, TrainSpec, train_cgan
+
+
+def _data(n: int = 16, size: int = 16, masks: bool = False) -> TrainingData:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).astype(np.float32)
+    square = np.zeros((size, size), np.float32)
+    square[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    images = np.stack([(disc if y == 0 else square) * 0.8 + 0.1 * rng.random((size, size)) for y in labels])
+    mask = None
+    if masks:
+        mask = np.stack([(disc if y == 0 else square).astype(np.int64) for y in labels])
+    return TrainingData(images[:, None].astype(np.float32), labels, ("disc", "square"), mask, 2 if masks else 0)
+
+
+def _card(cfg: CganConfig, labels: tuple[str, ...]) -> ModelCard:
+    return ModelCard(
+        id="test/cgan", version="1", architecture="cgan", network=cfg.__dict__, modality="MRI", anatomy="phantom",
+        image_size=(cfg.image_size, cfg.image_size), channels=cfg.channels, licence="MIT",
+        conditioning=Conditioning(labels=labels, masks=cfg.mask_classes > 0), weights=Weights(file="w", sha256="0"),
+    )
+
+
+def test_networks_have_the_declared_shapes():
+    cfg = CganConfig(image_size=32, channels=1, n_labels=3, latent_dim=8, base_channels=8, mask_classes=2)
+    gen, disc = ConditionalGenerator(cfg), ConditionalDiscriminator(cfg)
+    onehot = torch.eye(3)[[0, 1, 2, 0]]
+    raw = gen(torch.randn(4, 8), onehot)
+    assert raw.shape == (4, 3, 32, 32)  # 1 image channel + 2 mask logits
+    assert disc(torch.rand(4, 3, 32, 32), onehot).shape == (4,)
+
+
+def test_generate_is_deterministic_in_range_and_conditioned():
+    cfg = CganConfig(image_size=16, channels=1, n_labels=2, latent_dim=8, base_channels=8)
+    torch.manual_seed(0)
+    model = CganModel(_card(cfg, ("a", "b")), ConditionalGenerator(cfg).state_dict())
+    first = model.generate(6, seed=3, condition="b")
+    again = model.generate(6, seed=3, condition="b")
+    other = model.generate(6, seed=4, condition="b")
+    assert first.images.shape == (6, 1, 16, 16) and first.images.dtype == np.float32
+    assert first.images.min() >= 0.0 and first.images.max() <= 1.0
+    np.testing.assert_array_equal(first.images, again.images)
+    assert not np.array_equal(first.images, other.images)
+    assert first.labels == ["b"] * 6
+    with pytest.raises(GeneratorError, match="unknown label"):
+        model.generate(2, seed=0, condition="c")
+
+
+def test_paired_generator_emits_masks_of_known_classes():
+    cfg = CganConfig(image_size=16, channels=1, n_labels=2, latent_dim=8, base_channels=8, mask_classes=3)
+    model = CganModel(_card(cfg, ("a", "b")), ConditionalGenerator(cfg).state_dict())
+    batch = model.generate(4, seed=0)
+    assert batch.masks is not None and batch.masks.shape == (4, 16, 16)
+    assert set(np.unique(batch.masks)) <= {0, 1, 2}
+
+
+def test_training_reduces_the_discriminator_loss_and_is_deterministic():
+    data = _data()
+    spec = TrainSpec(epochs=12, batch_size=8, latent_dim=8, base_channels=8, seed=1, lr_discriminator=1e-3)
+    first = train_cgan(data, spec)
+    again = train_cgan(data, spec)
+    assert len(first.history) == 12
+    early = np.mean([h["loss_d"] for h in first.history[:3]])
+    late = np.mean([h["loss_d"] for h in first.history[-3:]])
+    assert late < early - 0.2
+    for key in first.generator:
+        torch.testing.assert_close(first.generator[key], again.generator[key], rtol=0, atol=0)
+
+
+def test_training_resumes_from_a_checkpoint_with_identical_result(tmp_path):
+    data = _data()
+    full = train_cgan(data, TrainSpec(epochs=4, batch_size=8, latent_dim=8, base_channels=8))
+    checkpoint = tmp_path / "ckpt.pt"
+    # "crash" after epoch 2: a run that stops at 2 epochs leaves the checkpoint behind
+    train_cgan(data, TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=8, checkpoint_every=2), checkpoint=checkpoint)
+    resumed = train_cgan(data, TrainSpec(epochs=4, batch_size=8, latent_dim=8, base_channels=8, checkpoint_every=2), checkpoint=checkpoint)
+    assert resumed.resumed_from_epoch == 2
+    for key in full.generator:
+        torch.testing.assert_close(full.generator[key], resumed.generator[key], rtol=0, atol=0)
+
+
+def test_paired_training_runs_with_masks():
+    data = _data(masks=True)
+    result = train_cgan(data, TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=8, with_masks=True))
+    assert result.config.mask_classes == 2
+
+
+def test_training_data_rejects_bad_shapes():
+    with pytest.raises(DataError, match="square"):
+        TrainingData(np.zeros((2, 1, 8, 16), np.float32), np.zeros(2, np.int64), ("a",))
+    with pytest.raises(DataError, match="one label per image"):
+        TrainingData(np.zeros((2, 1, 8, 8), np.float32), np.zeros(3, np.int64), ("a",))

@@ -1,0 +1,114 @@
+"""The retrain stage on phantoms: both settings, CIs, verdict, determinism, segmentation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from generators.errors import DataError
+from tasks.config import PipelineConfig
+from tasks.paths import PipelinePaths
+from tasks.retrain import allocate, decide, retrain, t_critical_95, t_interval
+from tests.tasks.phantoms import write_real, write_synthetic
+
+VERDICTS = {"helped", "no measurable effect", "hurt"}
+
+
+def make_config(**retrain: object) -> PipelineConfig:
+    spec = {"steps": 12, "batch_size": 16, "lr": 3e-3, "seeds": [0, 1], "synthetic_ratio": 0.5, **retrain}
+    return PipelineConfig.model_validate(
+        {"source": {"kind": "folder", "path": "x"}, "generator": {"train": {}}, "threads": 1, "retrain": spec}
+    )
+
+
+@pytest.fixture()
+def paths(tmp_path: Path) -> PipelinePaths:
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    write_real(paths.real, {"train": 8, "val": 2, "test": 6})
+    # retrain reads the filtered dataset; clean phantoms stand in for the filter's output
+    write_synthetic(paths.filtered, per_class=6, blank=0, saturated=0, corrupt=0, mislabelled=0)
+    return paths
+
+
+def test_classification_writes_both_settings_and_is_deterministic(paths: PipelinePaths) -> None:
+    cfg = make_config()
+    result = retrain(cfg, paths)
+    first_json = (paths.metrics / "retrain.json").read_bytes()
+    first_csv = (paths.metrics / "retrain_seeds.csv").read_bytes()
+
+    summary = json.loads(first_json)
+    assert summary == result
+    assert summary["n_real_train"] == 24 and summary["n_test"] == 18
+    assert summary["n_synthetic_used"] == 12  # 0.5 x 24, stratified like the real train split
+    assert summary["synthetic_used_per_class"] == {"disc": 4, "ring": 4, "square": 4}
+    assert summary["verdict"] in VERDICTS
+    for setting in ("real_only", "augmented", "delta"):
+        for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
+            stats = summary[setting][metric]
+            assert len(stats["per_seed"]) == 2
+            assert stats["ci95_low"] <= stats["mean"] <= stats["ci95_high"]
+            if setting != "delta":
+                assert 0.0 <= stats["mean"] <= 1.0
+    delta = summary["delta"]["balanced_accuracy"]
+    assert delta["per_seed"] == pytest.approx(
+        [a - r for r, a in zip(summary["real_only"]["balanced_accuracy"]["per_seed"],
+                               summary["augmented"]["balanced_accuracy"]["per_seed"])], abs=2e-6
+    )
+    assert delta["bootstrap_ci95_low"] <= delta["bootstrap_ci95_high"]
+
+    rows = list(csv.DictReader((paths.metrics / "retrain_seeds.csv").open()))
+    assert [(r["seed"], r["setting"]) for r in rows] == [
+        ("0", "real_only"), ("0", "augmented"), ("1", "real_only"), ("1", "augmented")
+    ]
+    assert float(rows[0]["accuracy"]) == pytest.approx(summary["real_only"]["accuracy"]["per_seed"][0], abs=1e-6)
+
+    retrain(cfg, paths)
+    assert (paths.metrics / "retrain.json").read_bytes() == first_json
+    assert (paths.metrics / "retrain_seeds.csv").read_bytes() == first_csv
+
+
+def test_segmentation_on_phantoms_with_masks(paths: PipelinePaths) -> None:
+    cfg = make_config(task="segmentation", network="unet", steps=8, seeds=[0])
+    summary = retrain(cfg, paths)
+    assert summary["primary_metric"] == "dice" and summary["num_classes"] == 2
+    for setting in ("real_only", "augmented"):
+        assert 0.0 <= summary[setting]["dice"]["mean"] <= 1.0
+        assert summary[setting]["hd95"]["mean"] >= 0.0
+        assert summary[setting]["dice"]["ci95_low"] is None  # one seed: no t-interval
+    assert summary["verdict"] in VERDICTS
+    assert summary["lower_is_better"] == ["hd95"]
+
+
+def test_missing_test_split_is_an_error(tmp_path: Path) -> None:
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    write_real(paths.real, {"train": 4, "val": 2})
+    write_synthetic(paths.filtered, per_class=2, blank=0, saturated=0, corrupt=0, mislabelled=0)
+    with pytest.raises(DataError, match="non-empty 'test' split"):
+        retrain(make_config(), paths)
+
+
+def test_segmentation_needs_synthetic_masks(tmp_path: Path) -> None:
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    write_real(paths.real, {"train": 4, "test": 2})
+    write_synthetic(paths.filtered, per_class=2, blank=0, saturated=0, corrupt=0, mislabelled=0, masks=False)
+    with pytest.raises(DataError, match="expected a mask on every synthetic row"):
+        retrain(make_config(task="segmentation", network="unet"), paths)
+
+
+def test_statistics_helpers() -> None:
+    assert t_critical_95(2) == 4.303 and t_critical_95(35) == 2.042 and t_critical_95(1000) == 1.96
+    stats = t_interval([1.0, 2.0, 3.0])
+    assert stats["mean"] == 2.0
+    assert stats["ci95_low"] == pytest.approx(2.0 - 4.303 / np.sqrt(3))
+    assert t_interval([0.5])["ci95_low"] is None
+    above = {"ci95_low": 0.01, "ci95_high": 0.2, "bootstrap_ci95_low": 0.02, "bootstrap_ci95_high": 0.1}
+    assert decide(above, lower_is_better=False) == "helped"
+    assert decide(above, lower_is_better=True) == "hurt"
+    assert decide({**above, "bootstrap_ci95_low": -0.01}, lower_is_better=False) == "no measurable effect"
+    assert decide({**above, "ci95_low": None, "ci95_high": None}, lower_is_better=False) == "helped"
+    assert allocate(10, {"a": 2, "b": 1}, {"a": 100, "b": 100}) == {"a": 7, "b": 3}
+    assert allocate(10, {"a": 2, "b": 1}, {"a": 2, "b": 100}) == {"a": 2, "b": 3}
