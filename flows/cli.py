@@ -3,6 +3,9 @@
     synthmed run [--pipeline demo] [--config pipelines.yaml]   the Prefect flow, end to end
     synthmed stage VERB --pipeline NAME                         one stage (what dvc.yaml calls)
     synthmed validate [--config pipelines.yaml]                 check the pipelines file
+    synthmed serve --pipeline NAME --cron "0 2 * * *"           a scheduled Prefect deployment, served here
+    synthmed remote s3 s3://bucket/prefix [--endpoint-url URL]  use an S3 (or MinIO) bucket as the DVC remote
+    synthmed publish --pipeline NAME                            copy reports + metrics to storage.results_uri
     synthmed generators ...                                     the generator zoo
 
 Errors print one line (``error: ...``) and exit with status 2; no traceback for
@@ -19,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from generators.errors import SynthmedError
+from generators.errors import ConfigError, SynthmedError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -32,7 +35,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import AugmentParams, augment
 
     params = AugmentParams(
-        pipeline=args.pipeline, config=str(args.config), dvc_commit=not args.no_dvc, dvc_push=args.push
+        pipeline=args.pipeline,
+        config=str(args.config),
+        dvc_commit=not args.no_dvc,
+        dvc_push=args.push,
+        shard_workers=args.shard_workers,
     )
     summaries = augment(params)
     report = summaries["report"]
@@ -66,6 +73,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import build_deployment, serve_deployments
+
+    deployment = build_deployment(
+        args.pipeline,
+        args.config,
+        cron=args.cron,
+        timezone=args.timezone,
+        name=args.name,
+        push=args.push,
+        shard_workers=args.shard_workers,
+        paused=args.paused,
+    )
+    serve_deployments(deployment, limit=args.limit)
+    return 0
+
+
+def cmd_remote_s3(args: argparse.Namespace) -> int:
+    from flows.versioning import configure_s3_remote
+    from tasks.storage import endpoint_url
+
+    settings = configure_s3_remote(
+        args.root,
+        args.url,
+        name=args.name,
+        endpoint_url=args.endpoint_url or endpoint_url(),
+        default=not args.no_default,
+    )
+    print(" ".join(f"{key}={value}" for key, value in settings.items()))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from tasks.config import load_pipeline
+    from tasks.paths import PipelinePaths
+    from tasks.storage import publish_results
+
+    cfg = load_pipeline(args.pipeline, args.config)
+    if not cfg.storage.results_uri:
+        raise ConfigError(
+            f"pipeline '{args.pipeline}' has no storage.results_uri; add `storage: {{results_uri: s3://bucket/prefix}}`"
+        )
+    written = publish_results(cfg, PipelinePaths(args.config.parent, args.pipeline))
+    print(f"published {len(written)} files to {cfg.storage.results_uri}/{args.pipeline}/")
+    return 0
+
+
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     import yaml
 
@@ -90,7 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
     run.add_argument("--no-dvc", action="store_true", help="do not record outputs with dvc commit")
     run.add_argument("--push", action="store_true", help="dvc push the outputs to the configured remote")
+    run.add_argument("--shard-workers", type=int, default=1, help="synthesis shards made in parallel (threads)")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve a scheduled deployment of the flow (needs PREFECT_API_URL)")
+    serve.add_argument("--pipeline", default="demo")
+    serve.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    serve.add_argument("--cron", default="0 2 * * *", help="five-field cron schedule (default: nightly at 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="IANA time zone of the schedule")
+    serve.add_argument("--name", default=None, help="deployment name (default: <pipeline>-nightly)")
+    serve.add_argument("--push", action="store_true", help="each run pushes its outputs to the DVC remote")
+    serve.add_argument("--shard-workers", type=int, default=1, help="synthesis shards made in parallel (threads)")
+    serve.add_argument("--paused", action="store_true", help="register with the schedule paused")
+    serve.add_argument("--limit", type=int, default=None, help="at most this many runs at once on this machine")
+    serve.set_defaults(func=cmd_serve)
+
+    remote = sub.add_parser("remote", help="configure the DVC remote")
+    remote_sub = remote.add_subparsers(dest="remote_kind", required=True)
+    s3 = remote_sub.add_parser("s3", help="an S3 or S3-compatible bucket (credentials from AWS_* env vars)")
+    s3.add_argument("url", help="s3://bucket/prefix")
+    s3.add_argument("--name", default="s3store", help="remote name (default: s3store)")
+    s3.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: $SYNTHMED_S3_ENDPOINT_URL)")
+    s3.add_argument("--no-default", action="store_true", help="add it without making it the default remote")
+    s3.add_argument("--root", type=_config_path, default=_config_path("."), help="the DVC project (default: .)")
+    s3.set_defaults(func=cmd_remote_s3)
+
+    publish = sub.add_parser("publish", help="copy reports and metrics to the pipeline's storage.results_uri")
+    publish.add_argument("--pipeline", default="demo")
+    publish.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    publish.set_defaults(func=cmd_publish)
 
     stage = sub.add_parser("stage", help="run one stage (dvc.yaml calls this)")
     stage.add_argument("verb", choices=ORDER)
@@ -125,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except SynthmedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever raised it
         return 2
 
 

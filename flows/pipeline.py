@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
@@ -27,6 +28,9 @@ class AugmentParams(BaseModel):
     config: str = Field("pipelines.yaml", description="path of the pipelines file; outputs go next to it")
     dvc_commit: bool = Field(True, description="record the outputs in DVC (dvc commit) at the end")
     dvc_push: bool = Field(False, description="push the outputs to the DVC remote at the end")
+    shard_workers: int = Field(
+        1, ge=1, le=64, description="synthesis shards made in parallel (Prefect thread-pool tasks); 1 = serial"
+    )
 
 
 def _retry_only_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -58,13 +62,28 @@ def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     cache_key_fn=_stage_cache_key,
     persist_result=True,
 )
-def stage(verb: str, pipeline: str, config: str) -> dict[str, Any]:
-    """Run one stage function (skipped when its outputs are current)."""
+def stage(verb: str, pipeline: str, config: str, shard_workers: int = 1) -> dict[str, Any]:
+    """Run one stage function (skipped when its outputs are current). With
+    ``shard_workers > 1`` synthesis makes its shards as parallel tasks (flows/scaleout.py)."""
     cfg = load_pipeline(pipeline, config)
     paths = PipelinePaths(Path(config).resolve().parent, pipeline)
-    summary = run_stage(verb, cfg, paths, force=False)
+    options: dict[str, Any] = {}
+    if verb == "synthesize" and shard_workers > 1:
+        from flows.scaleout import thread_pool_shards
+
+        options["map_shards"] = thread_pool_shards(shard_workers)
+    summary = run_stage(verb, cfg, paths, force=False, **options)
     get_run_logger().info("%s: %s", verb, "up to date, skipped" if summary.get("skipped") else "done")
     return summary
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE)
+def publish(pipeline: str, config: str) -> list[str]:
+    """Copy reports and metrics to ``storage.results_uri`` (S3); returns the URIs written."""
+    from tasks.storage import publish_results
+
+    cfg = load_pipeline(pipeline, config)
+    return publish_results(cfg, PipelinePaths(Path(config).resolve().parent, pipeline))
 
 
 def _png_markdown(path: Path) -> str:
@@ -94,16 +113,19 @@ def publish_artifacts(pipeline: str, report: dict[str, Any], versions: dict[str,
 def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     """One augmentation run of a named pipeline; returns each stage's summary."""
     logger = get_run_logger()
-    load_pipeline(params.pipeline, params.config)  # fail fast with a readable config error
+    cfg = load_pipeline(params.pipeline, params.config)  # fail fast with a readable config error
     summaries: dict[str, Any] = {}
     for verb in ORDER:
-        summaries[verb] = stage(verb, params.pipeline, str(params.config))
+        summaries[verb] = stage(verb, params.pipeline, str(params.config), params.shard_workers)
     versions = None
     if params.dvc_commit:
         from flows.versioning import commit_outputs
 
         versions = commit_outputs(Path(params.config).resolve().parent, params.pipeline, push=params.dvc_push)
         summaries["versions"] = versions
+    if cfg.storage.results_uri:
+        summaries["published"] = publish(params.pipeline, str(params.config))
+        logger.info("results copied to %s/%s", cfg.storage.results_uri, params.pipeline)
     publish_artifacts(params.pipeline, summaries["report"], versions)
     logger.info("report: %s", summaries["report"].get("report"))
     return summaries

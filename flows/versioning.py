@@ -83,3 +83,26 @@ def commit_outputs(root: Path, pipeline: str, push: bool = False) -> dict[str, A
 def _git_commit(root: Path) -> str | None:
     proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def configure_s3_remote(
+    root: Path, url: str, *, name: str = "s3store", endpoint_url: str | None = None, default: bool = True
+) -> dict[str, str]:
+    """Add (or replace) an S3 DVC remote in ``root``'s ``.dvc/config``: ``dvc remote add
+    [-d] -f NAME URL`` and, for S3-compatible stores, ``dvc remote modify NAME endpointurl
+    URL``. Credentials are not written anywhere: DVC reads ``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY`` from the environment. Returns the settings written."""
+    from tasks.storage import S3Uri
+
+    S3Uri.parse(url)  # a readable error for anything but s3://bucket/prefix
+    root = Path(root)
+    if not (root / ".dvc").is_dir():
+        raise SynthmedError(f"{root}: not a DVC project (no .dvc folder); run `dvc init` there first")
+    with repo_lock(root):
+        dvc(root, "remote", "add", *(["-d"] if default else []), "-f", name, url)
+        if endpoint_url:
+            dvc(root, "remote", "modify", name, "endpointurl", endpoint_url)
+    settings = {"name": name, "url": url, "default": str(default).lower()}
+    if endpoint_url:
+        settings["endpointurl"] = endpoint_url
+    return settings

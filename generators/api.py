@@ -1,4 +1,16 @@
-"""medigan-style Python API: ``generate`` to disk, a generate function, a DataLoader."""
+"""medigan-style Python API: search, rank, show, generate (to disk, as a function, as a
+DataLoader), visualise, contribute (conformance-checked) and export.
+
+    from generators import api
+    api.search("hand x-ray")                       # registry entries, best match first
+    api.rank("fid", modality="mammography")        # by a metric, best first
+    api.show("mednist-gan-hand")                   # the ModelCard
+    api.get_generator("mednist-gan-hand").generate(16, seed=0)   # float32 (16, 1, 64, 64)
+    api.get_dataloader("mednist-gan-hand", length=256, batch_size=32)
+    api.visualise("mednist-gan-hand", "out/")      # samples.png, interpolation.png
+    api.add_generator("card.yaml", "weights.safetensors")        # conformance check + register
+    api.export("mednist-gan-hand", "bundle", "out/bundle")       # or "torchscript"
+"""
 
 from __future__ import annotations
 
@@ -8,21 +20,71 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from generators.card import ModelCard
 from generators.contract import GeneratedBatch, Generator
 from generators.errors import GeneratorError
-from generators.registry import find, load_generator
-from generators.shards import Row, from_unit_float, encode_png, write_dataset
+from generators.registry import Entry, find, load_generator
+from generators.registry import search as _search
+from generators.shards import Row, encode_png, from_unit_float, write_dataset
 
 
-def get_generator(ref: str, device: str = "cpu") -> Generator:
-    """Load a registered generator by ``id`` or ``id@version`` (sha256-checked)."""
-    return load_generator(find(ref), device)
+def search(query: str = "", **filters: str) -> list[Entry]:
+    """Registry entries matching free text and ``field=value`` filters, best match first."""
+    return _search(query, {k: str(v) for k, v in filters.items()})
 
 
-def get_generate_function(ref: str, device: str = "cpu") -> Callable[..., GeneratedBatch]:
+def rank(metric: str, query: str = "", **filters: str) -> list[Entry]:
+    """Matching entries ordered by ``metric`` (best first by its direction; missing last)."""
+    return _search(query, {k: str(v) for k, v in filters.items()}, rank_by=metric)
+
+
+def show(ref: str) -> ModelCard:
+    """The card of ``id`` or ``id@version``."""
+    return find(ref).card
+
+
+def get_generator(ref: str, device: str = "cpu", *, allow_code: bool = False) -> Generator:
+    """Load a registered generator by ``id`` or ``id@version`` (sha256-checked). Models
+    whose loading runs code (TorchScript) need ``allow_code=True``."""
+    return load_generator(find(ref), device, allow_code=allow_code)
+
+
+def get_generate_function(ref: str, device: str = "cpu", *, allow_code: bool = False) -> Callable[..., GeneratedBatch]:
     """``fn(n, seed=0, condition=None) -> GeneratedBatch`` for a user's own code."""
-    generator = get_generator(ref, device)
+    generator = get_generator(ref, device, allow_code=allow_code)
     return lambda n, seed=0, condition=None: generator.generate(n, seed, condition)
+
+
+def visualise(ref: str, out: Path | str, *, n: int = 16, seed: int = 0, device: str = "cpu") -> dict[str, Path]:
+    """Sample grid and latent interpolation PNGs of a registered generator in ``out``."""
+    from generators.visualise import visualise as _visualise
+
+    return _visualise(get_generator(ref, device), out, n=n, seed=seed)
+
+
+def add_generator(card: Path | str, weights: Path | str | None = None, *, allow_code: bool = False) -> Entry:
+    """Contribute a model: conformance-check it and copy it into the user registry
+    (``SYNTHMED_REGISTRY`` or ~/.synthmed/generators). Raises with the failed checks."""
+    from generators.conformance import register
+
+    entry, _ = register(card, weights, allow_code=allow_code)
+    return entry
+
+
+def export(ref: str, fmt: str, out: Path | str, *, allow_code: bool = False) -> Path:
+    """Export a registered generator as a MONAI bundle directory (``fmt="bundle"``) or a
+    TorchScript file + card (``fmt="torchscript"``); returns the bundle dir or model.ts."""
+    entry = find(ref)
+    generator = load_generator(entry, "cpu", allow_code=allow_code)
+    if fmt == "bundle":
+        from generators.bundle import export_bundle
+
+        return export_bundle(generator, out, source_dir=entry.path.parent)
+    if fmt == "torchscript":
+        from generators.torchscript import export_torchscript
+
+        return export_torchscript(generator, out)
+    raise GeneratorError(f"unknown export format '{fmt}'; allowed: bundle, torchscript")
 
 
 def _unit(images: np.ndarray, value_range: Sequence[float]) -> np.ndarray:
@@ -40,11 +102,12 @@ def generate(
     fmt: str = "parquet",
     batch_size: int = 64,
     device: str = "cpu",
+    allow_code: bool = False,
 ) -> Path:
     """Generate ``n`` images into a dataset (Parquet shards) or a folder of 8-bit PNGs."""
     if n < 1:
         raise GeneratorError(f"expected n >= 1, got {n}")
-    generator = get_generator(ref, device)
+    generator = get_generator(ref, device, allow_code=allow_code)
     output = Path(output)
 
     def rows() -> Iterator[Row]:
@@ -55,12 +118,20 @@ def generate(
             for i in range(count):
                 mask = None if batch.masks is None else batch.masks[i].astype(np.uint8)
                 yield Row(
-                    id=f"gen-{start + i:07d}", subject="synthetic", split="train", label=batch.labels[i],
-                    image=from_unit_float(unit[i], "uint8"), source=generator.card.ref, mask=mask, seed=seed,
+                    id=f"gen-{start + i:07d}",
+                    subject="synthetic",
+                    split="train",
+                    label=batch.labels[i],
+                    image=from_unit_float(unit[i], "uint8"),
+                    source=generator.card.ref,
+                    mask=mask,
+                    seed=seed,
                 )
 
     if fmt == "parquet":
-        write_dataset(output, (r.to_record() for r in rows()), provenance={"generator": generator.card.ref, "seed": seed})
+        write_dataset(
+            output, (r.to_record() for r in rows()), provenance={"generator": generator.card.ref, "seed": seed}
+        )
     elif fmt == "png":
         output.mkdir(parents=True, exist_ok=True)
         for row in rows():
@@ -93,6 +164,8 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
                 yield torch.from_numpy(unit[i]), (self.labels.index(label) if label in self.labels else -1)
 
 
-def get_dataloader(ref: str, length: int, batch_size: int = 32, seed: int = 0, device: str = "cpu") -> torch.utils.data.DataLoader:
+def get_dataloader(
+    ref: str, length: int, batch_size: int = 32, seed: int = 0, device: str = "cpu"
+) -> torch.utils.data.DataLoader:
     """A torch DataLoader of synthetic samples for a user's own training loop."""
     return torch.utils.data.DataLoader(SyntheticDataset(ref, length, seed, device=device), batch_size=batch_size)

@@ -15,7 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from generators.errors import ConfigError
 
-ARCHITECTURES = ("cgan", "dcgan", "monai_bundle", "torchscript", "external")
+ARCHITECTURES = ("cgan", "dcgan", "vae", "ddpm", "pix2pix", "monai_bundle", "torchscript", "external")
+
+
+def known_architectures() -> tuple[str, ...]:
+    """``ARCHITECTURES`` plus any key of ``generators.architectures.LOADERS``."""
+    try:
+        from generators.architectures import LOADERS
+    except ImportError:
+        return ARCHITECTURES
+    return tuple(dict.fromkeys((*ARCHITECTURES, *LOADERS)))
 
 
 class CardModel(BaseModel):
@@ -56,6 +65,13 @@ class Weights(CardModel):
     file: str | None = None
     sha256: str | None = None
     format: Literal["safetensors", "torch", "torchscript"] = "safetensors"
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith(("/", "\\")) or ".." in Path(value).parts or ":" in value):
+            raise ValueError("weights.file must be a path relative to the card, without '..'")
+        return value
 
 
 class Origin(CardModel):
@@ -106,9 +122,12 @@ class ModelCard(CardModel):
     @classmethod
     def _known_architecture(cls, value: str) -> str:
         if value not in ARCHITECTURES:
-            guess = difflib.get_close_matches(value, ARCHITECTURES, n=1)
+            known = known_architectures()
+            if value in known:
+                return value
+            guess = difflib.get_close_matches(value, known, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-            raise ValueError(f"unknown architecture '{value}'; allowed: {', '.join(ARCHITECTURES)}{hint}")
+            raise ValueError(f"unknown architecture '{value}'; allowed: {', '.join(known)}{hint}")
         return value
 
     @property
@@ -130,7 +149,10 @@ def card_error(exc: ValidationError, origin: str) -> ConfigError:
             guess = difflib.get_close_matches(str(item["loc"][-1]), list(ModelCard.model_fields), n=1)
             message = "unknown key" + (f" (did you mean '{guess[0]}'?)" if guess else "")
         parts.append(f"{key}: {message}")
-    return ConfigError(f"{origin}: invalid model card: {'; '.join(parts)}; see generators/cards/*.yaml for examples")
+    return ConfigError(f"{origin}: invalid model card: {'; '.join(parts)}; see generators/zoo/*/card.yaml for examples")
+
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_card(path: Path | str) -> ModelCard:
@@ -139,7 +161,7 @@ def load_card(path: Path | str) -> ModelCard:
     if not path.is_file():
         raise ConfigError(f"{path}: model card not found; pass the path of a card YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: model card is not valid YAML ({exc}); fix the syntax") from None
     try:

@@ -1,12 +1,15 @@
 """The generator registry: list, search, rank and load model cards.
 
 A registry is a set of directories, each holding ``<name>/card.yaml`` (+ weights next
-to the card). The shipped zoo lives in ``generators/cards``; ``SYNTHMED_REGISTRY``
-(``os.pathsep``-separated) adds more.
+to the card). Shipped with synthmed: ``generators/cards`` and ``generators/zoo`` (the
+MedNIST GAN bundle, the medigan index). The user registry is ``SYNTHMED_REGISTRY``
+(``os.pathsep``-separated; ``synthmed generators add`` writes into the first one) or,
+when that is unset, ``~/.synthmed/generators``.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -17,15 +20,17 @@ from typing import Iterable
 from generators.card import ModelCard, load_card
 from generators.contract import Generator
 from generators.errors import GeneratorError
-from generators.weights import load_weights
+from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
 SHIPPED_CARDS = Path(__file__).resolve().parent / "cards"
+SHIPPED_ZOO = Path(__file__).resolve().parent / "zoo"
+NEEDS_CODE = ("torchscript",)  # architectures whose loading runs code from the weights file
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A card and the directory its relative paths resolve against."""
+    """A card and the path of its YAML file (relative paths resolve against its directory)."""
 
     card: ModelCard
     path: Path
@@ -37,10 +42,20 @@ class Entry:
         return self.path.parent / self.card.weights.file
 
 
+def user_registry_dirs() -> list[Path]:
+    """``SYNTHMED_REGISTRY`` entries, or ``~/.synthmed/generators`` when it is unset."""
+    value = os.environ.get("SYNTHMED_REGISTRY", "")
+    dirs = [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+    return dirs or [Path.home() / ".synthmed" / "generators"]
+
+
+def user_registry_dir() -> Path:
+    """Where ``synthmed generators add`` registers models."""
+    return user_registry_dirs()[0]
+
+
 def registry_dirs(extra: Iterable[Path] = ()) -> list[Path]:
-    dirs = [SHIPPED_CARDS, *extra]
-    dirs += [Path(p) for p in os.environ.get("SYNTHMED_REGISTRY", "").split(os.pathsep) if p]
-    return dirs
+    return [SHIPPED_CARDS, SHIPPED_ZOO, *extra, *user_registry_dirs()]
 
 
 def list_entries(dirs: Iterable[Path] | None = None) -> list[Entry]:
@@ -55,8 +70,17 @@ def list_entries(dirs: Iterable[Path] | None = None) -> list[Entry]:
 def _searchable_text(card: ModelCard) -> str:
     h, w = card.image_size
     parts = [
-        card.id, card.name, card.description, card.architecture, card.modality, card.anatomy,
-        f"{h}x{w}", *card.tags, *card.conditioning.labels, card.training.dataset, card.licence,
+        card.id,
+        card.name,
+        card.description,
+        card.architecture,
+        card.modality,
+        card.anatomy,
+        f"{h}x{w}",
+        *card.tags,
+        *card.conditioning.labels,
+        card.training.dataset,
+        card.licence,
         "masks" if card.conditioning.masks else "",
     ]
     return " ".join(p for p in parts if p).lower()
@@ -69,9 +93,9 @@ def search(
     entries: list[Entry] | None = None,
 ) -> list[Entry]:
     """Cards matching every word of ``query`` (free text) and every ``key=value`` filter
-    (card fields, dotted for nested ones, case-insensitive), ranked by how many words
-    matched, or by the metric ``rank_by`` (best first, as the metric's direction says;
-    cards without that metric come last)."""
+    (card fields, dotted for nested ones, case-insensitive; ``available=true|false``
+    filters on weights being present), ranked by how many words matched, or by the metric
+    ``rank_by`` (best first, as the metric's direction says; cards without it come last)."""
     entries = list_entries() if entries is None else entries
     words = [w for w in re.split(r"\s+", query.lower().strip()) if w]
     scored = []
@@ -84,11 +108,13 @@ def search(
             continue
         scored.append((hits, entry))
     if rank_by:
+
         def metric_key(item: tuple[int, Entry]) -> tuple[int, float]:
             metric = item[1].card.metrics.get(rank_by)
             if metric is None:
                 return (1, 0.0)
             return (0, -metric.value if metric.higher_is_better else metric.value)
+
         scored.sort(key=metric_key)
     else:
         scored.sort(key=lambda item: -item[0])
@@ -96,11 +122,15 @@ def search(
 
 
 def _field_matches(card: ModelCard, key: str, value: str) -> bool:
+    if key == "available":
+        if value.lower() not in ("true", "false"):
+            raise GeneratorError(f"filter available={value}: expected true or false")
+        return card.available == (value.lower() == "true")
     current: object = card.model_dump(mode="json")
     for part in key.split("."):
         if not isinstance(current, dict) or part not in current:
             raise GeneratorError(
-                f"unknown card field '{key}'; use one of: {', '.join(sorted(ModelCard.model_fields))}"
+                f"unknown card field '{key}'; use one of: {', '.join(sorted([*ModelCard.model_fields, 'available']))}"
             )
         current = current[part]
     if isinstance(current, (list, tuple)):
@@ -114,30 +144,63 @@ def find(ref: str, entries: list[Entry] | None = None) -> Entry:
     wanted_id, _, version = ref.partition("@")
     matches = [e for e in entries if e.card.id == wanted_id and (not version or e.card.version == version)]
     if not matches:
-        import difflib
-
         known = sorted({e.card.ref for e in entries})
         guess = difflib.get_close_matches(ref, known, n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-        raise GeneratorError(f"no generator '{ref}' in the registry; known: {', '.join(known) or 'none'}{hint}")
+        shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+        raise GeneratorError(f"no generator '{ref}' in the registry; known: {shown or 'none'}{hint}")
     return matches[-1]
 
 
-def load_generator(entry: Entry | Path | str, device: str = "cpu") -> Generator:
-    """Verify the weights' sha256, then build the generator the card describes."""
+def _architecture_loaders() -> dict:
+    try:
+        from generators.architectures import LOADERS
+    except ImportError:
+        return {}
+    return dict(LOADERS)
+
+
+def load_generator(entry: Entry | Path | str, device: str = "cpu", *, allow_code: bool = False) -> Generator:
+    """Verify the weights' sha256, then build the generator the card describes.
+
+    Architectures in ``generators.architectures.LOADERS`` load through that mapping;
+    ``monai_bundle`` and ``torchscript`` cards through ``generators.bundle`` and
+    ``generators.torchscript``. Cards whose loading runs code from the model files
+    (TorchScript, bundles built by running their config) need ``allow_code=True``.
+    """
     if not isinstance(entry, Entry):
         path = Path(entry)
         entry = Entry(load_card(path), path)
     card = entry.card
     weights = entry.weights_path
+    if card.architecture == "external":
+        raise GeneratorError(
+            f"{card.ref}: an external model (e.g. from medigan) runs its own code and is listed for search only; "
+            "convert it to TorchScript or a MONAI bundle and register that with 'synthmed generators add'"
+        )
     if weights is None:
         raise GeneratorError(
             f"{card.ref}: weights are not available here (listed for search only); "
             "obtain them from the card's origin and register with 'synthmed generators add'"
         )
+    verify_sha256(weights, card.weights.sha256)
+    loaders = _architecture_loaders()
+    if card.architecture in loaders:
+        return loaders[card.architecture](card, weights, device)
+    if card.architecture == "monai_bundle":
+        from generators.bundle import load_bundle_generator
+
+        return load_bundle_generator(card, weights, device, allow_code=allow_code, card_dir=entry.path.parent)
+    if card.architecture == "torchscript":
+        from generators.torchscript import load_torchscript_generator
+
+        return load_torchscript_generator(card, weights, device, allow_code=allow_code)
     if card.architecture == "cgan":
         from generators.architectures.cgan import CganModel
+        from generators.weights import load_weights
 
-        state = load_weights(weights, card.weights.sha256, card.weights.format)
-        return CganModel(card, state, device)
-    raise GeneratorError(f"{card.ref}: architecture '{card.architecture}' cannot be loaded by this version")
+        return CganModel(card, load_weights(weights, card.weights.sha256, card.weights.format), device)
+    raise GeneratorError(
+        f"{card.ref}: architecture '{card.architecture}' cannot be loaded by this version; "
+        f"loadable: {', '.join(sorted({*loaders, 'monai_bundle', 'torchscript', 'cgan'}))}"
+    )

@@ -24,8 +24,13 @@ The quality stage appends float64 columns named ``q_<score>``.
 Writes are deterministic (same rows -> byte-identical shards, no timestamps anywhere)
 and atomic: shards are written to a staging directory next to the target and swapped
 into place only when the manifest is complete, so a crashed run leaves the previous
-version (or nothing) and never a half shard. The module lives in ``generators``, the
-lowest layer, because both the stages and the registry's ``generate`` write datasets.
+version (or nothing) and never a half shard. A writer given a ``resume_key`` (a digest
+of everything that determines the shards' bytes) keeps its staging directory
+(``.<target>.partial-<key>``) when it is killed or fails, and a later writer with the
+same key keeps the shards in it whose sha256 matches the one recorded when they were
+written; temp files and unrecorded or mismatching shards are discarded. The module
+lives in ``generators``, the lowest layer, because both the stages and the registry's
+``generate`` write datasets.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections import Counter
@@ -48,8 +55,11 @@ from PIL import Image
 
 from generators.errors import DataError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
+DONE_DIR = ".done"  # inside a resumable staging dir: one JSON record per completed shard
 SPLITS = ("train", "val", "test")
 
 BASE_SCHEMA = pa.schema(
@@ -163,13 +173,20 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write one shard deterministically: temp file in the same directory, then rename."""
+    """Write one shard deterministically: temp file in the same directory, flushed to
+    disk, then renamed, so the name only ever points at a complete file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(
             table, tmp, compression="zstd", use_dictionary=["split", "label", "dtype", "source"]
         )
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -197,7 +214,7 @@ def replace_dir(staging: Path, target: Path) -> None:
 def class_counts(table: pa.Table) -> dict[str, dict[str, int]]:
     """``{split: {label: count}}`` with sorted keys; unlabelled rows count under ``""``."""
     counts: dict[str, Counter[str]] = {}
-    for split, label in zip(table.column("split").to_pylist(), table.column("label").to_pylist()):
+    for split, label in zip(table.column("split").to_pylist(), table.column("label").to_pylist(), strict=True):
         counts.setdefault(split, Counter())[label or ""] += 1
     return {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
 
@@ -207,6 +224,12 @@ class DatasetWriter:
 
     Use as a context manager. Rows must arrive in final order (sorted by id) so that the
     same input gives the same shards. On an exception nothing replaces the target.
+
+    ``resume_key`` (8-64 lowercase hex chars) makes the writer resumable: the staging
+    directory is ``.<target>.partial-<resume_key>`` and survives a crash or an exception;
+    staging directories of the same target with another key are removed. The caller
+    then asks :meth:`resume_shard` before making each shard, and skips making it when
+    the answer is True. The key must change whenever the shards' bytes would.
     """
 
     def __init__(
@@ -216,21 +239,86 @@ class DatasetWriter:
         shard_rows: int = 1024,
         schema: pa.Schema = BASE_SCHEMA,
         provenance: dict[str, Any] | None = None,
+        resume_key: str | None = None,
     ) -> None:
         if shard_rows < 1:
             raise DataError(f"expected shard_rows >= 1, got {shard_rows}")
+        if resume_key is not None and not re.fullmatch(r"[0-9a-f]{8,64}", resume_key):
+            raise DataError(f"expected resume_key of 8-64 lowercase hex chars, got {resume_key!r}")
         self.target = Path(target)
         self.schema = schema
         self.shard_rows = shard_rows
         self.provenance = provenance or {}
+        self.resume_key = resume_key
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.target.with_name(f".{self.target.name}.staging-{uuid.uuid4().hex}")
-        self.staging.mkdir()
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._shards: list[dict[str, Any]] = []
         self._counts: dict[str, Counter[str]] = {}
-        self._ids_seen = 0
+        self._resumable: dict[str, dict[str, Any]] = {}
+        self.resumed = 0  # shards taken over from an interrupted run
+        if resume_key is None:
+            self.staging = self.target.with_name(f".{self.target.name}.staging-{uuid.uuid4().hex}")
+            self.staging.mkdir()
+        else:
+            self.staging = self.target.with_name(f".{self.target.name}.partial-{resume_key}")
+            self._prepare_partial()
+
+    # ------------------------------------------------------------------ resume
+    def _prepare_partial(self) -> None:
+        """Remove other keys' partial dirs; keep only verified shards in ours."""
+        for other in self.target.parent.glob(f".{self.target.name}.partial-*"):
+            if other != self.staging:
+                shutil.rmtree(other, ignore_errors=True)
+        done = self.staging / DONE_DIR
+        done.mkdir(parents=True, exist_ok=True)
+        for record_path in sorted(done.glob("part-*.json")):
+            try:
+                record = json.loads(record_path.read_text())
+                shard = self.staging / record["file"]
+                ok = (
+                    record_path.name == f"{record['file']}.json"
+                    and shard.is_file()
+                    and sha256_file(shard) == record["sha256"]
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                self._resumable[record["file"]] = record
+            else:
+                record_path.unlink(missing_ok=True)
+        for entry in self.staging.iterdir():
+            if entry.name == DONE_DIR or entry.name in self._resumable:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)  # temp files, unrecorded shards, a stale manifest
+        if self._resumable:
+            log.info("%s: %d completed shard(s) found to resume from", self.target.name, len(self._resumable))
+
+    def resume_shard(self) -> bool:
+        """True when the next shard already exists, complete and verified, from an
+        interrupted run with the same ``resume_key``; it is then counted in as if
+        written now. False (always, without a key) means: make and write it."""
+        if self.resume_key is None:
+            return False
+        if self._pending_rows:
+            raise DataError("resume_shard() needs whole shards; write shard_rows rows per table")
+        name = self._shard_name(len(self._shards))
+        record = self._resumable.pop(name, None)
+        if record is None:
+            return False
+        for split, counts in record["class_counts"].items():
+            self._counts.setdefault(split, Counter()).update(counts)
+        self._shards.append({"file": name, "rows": record["rows"], "sha256": record["sha256"]})
+        self.resumed += 1
+        return True
+
+    # ------------------------------------------------------------------ writing
+    @staticmethod
+    def _shard_name(index: int) -> str:
+        return f"part-{index:05d}.parquet"
 
     def write_records(self, records: Sequence[dict[str, Any]]) -> None:
         if records:
@@ -238,8 +326,6 @@ class DatasetWriter:
 
     def write_table(self, table: pa.Table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
-        for split, c in class_counts(table).items():
-            self._counts.setdefault(split, Counter()).update(c)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.shard_rows:
@@ -248,10 +334,17 @@ class DatasetWriter:
     def _flush(self, rows: int) -> None:
         merged = pa.concat_tables(self._pending)
         shard, rest = merged.slice(0, rows), merged.slice(rows)
-        name = f"part-{len(self._shards):05d}.parquet"
+        name = self._shard_name(len(self._shards))
         path = self.staging / name
+        counts = class_counts(shard)
         write_parquet_atomic(shard, path)
-        self._shards.append({"file": name, "rows": shard.num_rows, "sha256": sha256_file(path)})
+        entry = {"file": name, "rows": shard.num_rows, "sha256": sha256_file(path)}
+        if self.resume_key is not None:
+            self._resumable.pop(name, None)
+            write_json_atomic({**entry, "class_counts": counts}, self.staging / DONE_DIR / f"{name}.json")
+        for split, c in counts.items():
+            self._counts.setdefault(split, Counter()).update(c)
+        self._shards.append(entry)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
 
@@ -266,12 +359,19 @@ class DatasetWriter:
             "class_counts": {s: dict(sorted(c.items())) for s, c in sorted(self._counts.items())},
             "provenance": self.provenance,
         }
+        if self.resume_key is not None:
+            for name in sorted(self._resumable):  # beyond this run's shards: not ours to keep
+                log.warning("%s: discarding %s, not part of this run", self.target.name, name)
+                (self.staging / name).unlink(missing_ok=True)
+            shutil.rmtree(self.staging / DONE_DIR)
         write_json_atomic(manifest, self.staging / MANIFEST_NAME)
         replace_dir(self.staging, self.target)
         return manifest
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        """Discard the staging dir; a resumable writer keeps it for the next run."""
+        if self.resume_key is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> "DatasetWriter":
         return self

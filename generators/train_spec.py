@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MASK_ARCHITECTURES = ("cgan", "pix2pix")  # the architectures that use ``with_masks``
 
 
 class TrainSpec(BaseModel):
-    """The ``generator.train`` block of a pipeline."""
+    """The ``generator.train`` block of a pipeline. ``lr_generator`` is the learning rate of
+    the network that makes images (the GAN generator, the VAE, the diffusion UNet);
+    ``lr_discriminator`` applies to the GANs (cgan, dcgan, pix2pix) only."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    architecture: Literal["cgan"] = "cgan"
+    architecture: Literal["cgan", "dcgan", "vae", "ddpm", "pix2pix"] = "cgan"
     loss: Literal["hinge", "bce"] = "hinge"
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -23,6 +27,35 @@ class TrainSpec(BaseModel):
     latent_dim: int = Field(64, ge=1)
     base_channels: int = Field(32, ge=4)
     with_masks: bool = Field(False, description="also generate the tissue mask (paired generator)")
+    diffaugment: bool = Field(
+        True, description="differentiable augmentation (translation, cutout) of the discriminator's inputs; "
+        "keeps a GAN trainable on a few hundred images"
+    )
     amp: bool = Field(True, description="bf16 autocast on GPU; ignored on CPU")
     checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")
     seed: int = 0
+    kl_weight: float = Field(1.0, ge=0, description="vae: weight of the KL term (a beta-VAE when not 1)")
+    timesteps: int = Field(1000, ge=2, description="ddpm: diffusion steps of the training noise schedule")
+    ddim_steps: int = Field(50, ge=1, description="ddpm: DDIM denoising steps per generated batch")
+    noise_schedule: Literal["cosine", "linear_beta", "scaled_linear_beta"] = Field(
+        "cosine", description="ddpm: beta schedule (MONAI scheduler names); cosine suits any timesteps"
+    )
+    l1_weight: float = Field(100.0, ge=0, description="pix2pix: weight of the L1 term (100 in the pix2pix paper)")
+    mask_pool_size: int = Field(
+        64, ge=0, description="pix2pix: training masks stored with the weights, to draw conditions from at generation"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSpec":
+        if self.architecture == "pix2pix" and not self.with_masks:
+            raise ValueError("pix2pix translates masks into images; set with_masks: true (and ingest masks)")
+        if self.with_masks and self.architecture not in MASK_ARCHITECTURES:
+            raise ValueError(
+                f"with_masks is supported by {', '.join(MASK_ARCHITECTURES)}, not {self.architecture}; "
+                "set with_masks: false or choose one of those"
+            )
+        if self.ddim_steps > self.timesteps:
+            raise ValueError(
+                f"ddim_steps ({self.ddim_steps}) cannot exceed timesteps ({self.timesteps}); lower ddim_steps"
+            )
+        return self

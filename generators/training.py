@@ -5,12 +5,13 @@ checkpoints and uses bf16 autocast on GPU."""
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -80,6 +81,31 @@ def _real_input(images: torch.Tensor, masks: torch.Tensor | None, k: int) -> tor
         return images
     onehot = F.one_hot(masks, k).permute(0, 3, 1, 2).float()
     return torch.cat([images, onehot], dim=1)
+
+
+def diff_augment(x: torch.Tensor, rng: torch.Generator, shift: float = 0.125, cutout: float = 0.25) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020) for the discriminator's inputs: a random translation of
+    up to ``shift`` of the image size (zero padded) and one zeroed square of side
+    ``cutout * size`` per sample. Differentiable, applied identically to real and fake
+    batches; every channel (image and one-hot mask) moves together.
+
+    ``x``: float32 (B, C, H, W); returns the same shape and dtype. Random numbers come from
+    the CPU generator ``rng`` so training stays deterministic for a seed."""
+    b, _, h, w = x.shape
+    offsets = (torch.rand(b, 2, generator=rng) * 2 - 1) * (2 * shift)  # grid units: 2 == image size
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = offsets
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    side_h, side_w = max(1, int(h * cutout)), max(1, int(w * cutout))
+    top = torch.randint(0, h - side_h + 1, (b,), generator=rng)
+    left = torch.randint(0, w - side_w + 1, (b,), generator=rng)
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    hole = ((rows >= top.view(b, 1, 1)) & (rows < (top + side_h).view(b, 1, 1))
+            & (cols >= left.view(b, 1, 1)) & (cols < (left + side_w).view(b, 1, 1)))
+    return x * (~hole).unsqueeze(1).to(x.device, x.dtype)
 
 
 def train_cgan(
@@ -156,12 +182,15 @@ def train_cgan(
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
                 fake_img, fake_mask = split_outputs(gen_net(z, onehot).float(), cfg)
                 fake = fake_img if fake_mask is None else torch.cat([fake_img, fake_mask], 1)
-                loss_d = d_loss_fn(disc_net(real, onehot).float(), disc_net(fake.detach(), onehot).float())
+                d_real, d_fake = real, fake
+                if spec.diffaugment:
+                    d_real, d_fake = diff_augment(real, rng), diff_augment(fake, rng)
+                loss_d = d_loss_fn(disc_net(d_real, onehot).float(), disc_net(d_fake.detach(), onehot).float())
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss_g = _g_loss(spec.loss, disc_net(fake, onehot).float())
+                loss_g = _g_loss(spec.loss, disc_net(d_fake, onehot).float())
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -208,3 +237,262 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+# --- shared harness of the zoo architectures (dcgan, vae, ddpm, pix2pix) -------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch on the training device: ``images`` float32 (B, C, H, W) in [0, 1] (randomly
+    flipped left-right), ``labels`` int64 (B,), ``masks`` int64 (B, H, W) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+
+
+@dataclass
+class StepContext:
+    """What a training step may use: the device, bf16 autocast (CUDA only), the seeded CPU
+    generator ``rng`` for every random draw (so runs are reproducible and resumable), and
+    ``update`` (backward, gradient averaging across ranks under torchrun, optimiser step)."""
+
+    device: torch.device
+    amp: bool
+    rng: torch.Generator
+    world_size: int = 1
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard-normal float32 ``shape`` on the device, drawn on CPU from ``rng``."""
+        return torch.randn(*shape, generator=self.rng).to(self.device)
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        """int64 ``shape`` uniform in [0, high) on the device, drawn on CPU from ``rng``."""
+        return torch.randint(0, high, shape, generator=self.rng).to(self.device)
+
+    def update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, network: torch.nn.Module) -> None:
+        """Zero ``optimizer``'s gradients, backpropagate ``loss``, average ``network``'s
+        gradients over the ranks (no-op in one process) and take a step."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world_size > 1:
+            _average_gradients(network, self.world_size)
+        optimizer.step()
+
+
+@dataclass
+class Recipe:
+    """An architecture's side of training: its networks and optimisers (both checkpointed),
+    ``step(batch, ctx) -> {loss name: float}`` (forward, backward, update), and ``sampler``,
+    the network whose exponential moving average (EMA) is exported."""
+
+    networks: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    step: Callable[[Batch, StepContext], dict[str, float]]
+    sampler: str
+
+
+@dataclass
+class FitResult:
+    """``state``: CPU state dict of the sampler's EMA; ``history``: one row per epoch
+    (``epoch`` and the step's losses averaged over the epoch's steps)."""
+
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    time_s: float
+    resumed_from_epoch: int
+
+
+@dataclass
+class TrainedGenerator:
+    """What ``train_generator`` returns for any architecture: ``state`` goes to
+    ``weights.safetensors``, ``network`` to the card's ``network`` field (constructor
+    arguments), ``labels`` to ``conditioning.labels`` (empty when unconditional),
+    ``mask_classes`` > 0 when the generator emits or consumes masks."""
+
+    architecture: str
+    state: dict[str, torch.Tensor]
+    network: dict[str, Any]
+    labels: tuple[str, ...]
+    mask_classes: int
+    history: list[dict[str, float]]
+    time_s: float
+    resumed_from_epoch: int
+
+
+def make_optimizer(spec: TrainSpec, network: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with the spec's ``betas`` (as ``train_cgan``)."""
+    return torch.optim.Adam(network.parameters(), lr=lr, betas=spec.betas)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(network: torch.nn.Module, world_size: int) -> None:
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def fit(
+    recipe: Recipe,
+    data: TrainingData,
+    spec: TrainSpec,
+    *,
+    device: str = "cpu",
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    with_masks: bool = False,
+    ema_decay: float = 0.995,
+) -> FitResult:
+    """Run ``recipe.step`` over ``spec.epochs`` epochs of shuffled, left-right-flipped
+    batches of ``spec.batch_size`` (the last incomplete batch is dropped), keep an EMA of
+    the sampler network, and checkpoint everything (networks, optimisers, EMA, RNG states,
+    history) atomically every ``spec.checkpoint_every`` epochs. An existing ``checkpoint``
+    is resumed; on CPU a resumed run equals an uninterrupted one bit for bit.
+
+    Under torchrun (a torch.distributed group initialised by the caller) every rank draws
+    the same permutation and takes its own equal share of it, ``spec.batch_size`` is the
+    per-rank batch, gradients are averaged in ``StepContext.update``, rank 0 alone writes
+    checkpoints, and epoch losses in the history are rank 0's. Networks must be built from
+    the same seed on every rank (the architectures' train functions seed with ``spec.seed``).
+    """
+    started = time.perf_counter()
+    rank, world = _world()
+    dev = torch.device(device)
+    for network in recipe.networks.values():
+        network.to(dev)
+    sampler = recipe.networks[recipe.sampler]
+    ema = copy.deepcopy(sampler).eval().requires_grad_(False)
+    rng = torch.Generator().manual_seed(spec.seed)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        for name, network in recipe.networks.items():
+            network.load_state_dict(state["networks"][name])
+        for name, optimizer in recipe.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        ema.load_state_dict(state["ema"])
+        rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = [dict(row) for row in state["history"]]
+        start_epoch = int(state["epoch"])
+        log.info("resuming generator training at epoch %d from %s", start_epoch, checkpoint)
+
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels.astype(np.int64))
+    masks = torch.from_numpy(data.masks.astype(np.int64)) if with_masks and data.masks is not None else None
+    share = len(images) // world
+    if share == 0:
+        raise DataError(f"{len(images)} training images cannot be shared by {world} ranks; use fewer processes")
+    batch = min(spec.batch_size, share)
+    steps_per_epoch = share // batch
+    ctx = StepContext(dev, dev.type == "cuda" and spec.amp, rng, world)
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, spec.epochs):
+        for network in recipe.networks.values():
+            network.train()
+        order = torch.randperm(len(images), generator=rng)[: share * world][rank::world]
+        sums: dict[str, float] = {}
+        for start in range(0, steps_per_epoch * batch, batch):
+            idx = order[start : start + batch]
+            flip = torch.rand(len(idx), generator=rng) < 0.5
+            x = images[idx].clone()
+            x[flip] = x[flip].flip(-1)
+            m = None
+            if masks is not None:
+                m = masks[idx].clone()
+                m[flip] = m[flip].flip(-1)
+                m = m.to(dev)
+            losses = recipe.step(Batch(x.to(dev), labels[idx].to(dev), m), ctx)
+            global_step += 1
+            decay = min(ema_decay, (1.0 + global_step) / (10.0 + global_step))  # warm-up
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), sampler.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - decay)
+                for b_ema, b in zip(ema.buffers(), sampler.buffers(), strict=True):
+                    b_ema.copy_(b)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        row = {"epoch": float(epoch + 1), **{k: v / steps_per_epoch for k, v in sums.items()}}
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+        due = (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs
+        if checkpoint is not None and due:
+            if rank == 0:
+                _save_checkpoint(
+                    Path(checkpoint),
+                    {
+                        "networks": {k: v.state_dict() for k, v in recipe.networks.items()},
+                        "optimizers": {k: v.state_dict() for k, v in recipe.optimizers.items()},
+                        "ema": ema.state_dict(),
+                        "rng": rng.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "history": history,
+                        "epoch": epoch + 1,
+                    },
+                )
+            if world > 1:
+                torch.distributed.barrier()
+    return FitResult(
+        state={k: v.detach().cpu().clone() for k, v in ema.state_dict().items()},
+        history=history,
+        time_s=time.perf_counter() - started,
+        resumed_from_epoch=start_epoch,
+    )
+
+
+# architecture -> (module, train function); imported lazily because the modules import this one
+_TRAINERS: dict[str, tuple[str, str]] = {
+    "dcgan": ("generators.architectures.dcgan", "train_dcgan"),
+    "vae": ("generators.architectures.vae", "train_vae"),
+    "ddpm": ("generators.architectures.ddpm", "train_ddpm"),
+    "pix2pix": ("generators.architectures.pix2pix", "train_pix2pix"),
+}
+
+
+def train_generator(
+    spec: TrainSpec,
+    data: TrainingData,
+    *,
+    device: str = "cpu",
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainedGenerator:
+    """Train the architecture ``spec.architecture`` names on ``data``; resumable from
+    ``checkpoint``. ``cgan`` runs ``train_cgan`` unchanged."""
+    if spec.architecture == "cgan":
+        from generators.architectures.cgan import network_kwargs
+
+        result = train_cgan(data, spec, device=device, checkpoint=checkpoint, on_epoch=on_epoch)
+        return TrainedGenerator(
+            architecture="cgan",
+            state=result.generator,
+            network=network_kwargs(result.config),
+            labels=data.label_names,
+            mask_classes=result.config.mask_classes,
+            history=result.history,
+            time_s=result.time_s,
+            resumed_from_epoch=result.resumed_from_epoch,
+        )
+    module_name, function_name = _TRAINERS[spec.architecture]
+    train = getattr(importlib.import_module(module_name), function_name)
+    return train(data, spec, device=device, checkpoint=checkpoint, on_epoch=on_epoch)

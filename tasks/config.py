@@ -1,9 +1,13 @@
 """pipelines.yaml: named pipelines, validated by one pydantic schema.
 
-Errors name the bad key by its full path and list the allowed values, e.g.::
+Errors name the bad key by its full path and list the allowed values, on one line
+(several problems are joined with ``; ``), e.g.::
 
     pipelines.yaml: pipelines.demo.retrain.task: got 'segmentaton'; allowed: 'classification',
     'segmentation' (did you mean 'segmentation'?)
+
+A key given twice in one mapping is an error (YAML would keep the last one silently;
+DVC, which reads the same file, refuses it). NaN and infinity are refused everywhere.
 
 The YAML is pure data (no expressions, no ``_target_``); secrets come from the
 environment. DVC reads the same file as its params file.
@@ -27,7 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 class Strict(BaseModel):
     """Base: unknown keys are errors, instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- sources
@@ -68,7 +72,32 @@ class Mni152Source(Strict):
         return self
 
 
-Source = Annotated[Union[FolderSource, CsvSource, Mni152Source], Field(discriminator="kind")]
+def _check_s3_uri(value: str) -> str:
+    bucket = value[len("s3://") :].partition("/")[0] if value.startswith("s3://") else ""
+    if not bucket:
+        raise ValueError("expected an s3://bucket/prefix URI, e.g. s3://my-bucket/images")
+    return value.rstrip("/")
+
+
+class S3Source(Strict):
+    """A folder source in an S3 bucket: ``<uri>/<class>/<file>``. Downloaded to
+    ``.synthmed/<pipeline>/staging/`` at ingest, then ingested exactly like a ``folder``
+    source (same rows as from a local copy). Endpoint and credentials come from the
+    environment (``SYNTHMED_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), see
+    ``tasks/storage.py``. Changes in the bucket do not invalidate the ingest stage: rerun
+    it with ``synthmed stage ingest`` (or ``dvc repro -f -s ingest-<pipeline>``)."""
+
+    kind: Literal["s3"]
+    uri: str
+    subject_regex: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_is_s3(cls, value: str) -> str:
+        return _check_s3_uri(value)
+
+
+Source = Annotated[Union[FolderSource, CsvSource, Mni152Source, S3Source], Field(discriminator="kind")]
 
 
 class SplitSpec(Strict):
@@ -198,6 +227,19 @@ class ReportSpec(Strict):
     grid_per_class: int = Field(8, ge=1, le=64)
 
 
+class StorageSpec(Strict):
+    """Where results go besides the project folder. ``results_uri`` (``s3://bucket/prefix``):
+    a Prefect run copies ``reports/<pipeline>/`` and ``metrics/<pipeline>/`` to
+    ``<results_uri>/<pipeline>/``. Credentials come from the environment, never from here."""
+
+    results_uri: str | None = None
+
+    @field_validator("results_uri")
+    @classmethod
+    def _results_uri_is_s3(cls, value: str | None) -> str | None:
+        return None if value is None else _check_s3_uri(value)
+
+
 class PipelineConfig(Strict):
     """One named pipeline: every stage's parameters."""
 
@@ -212,6 +254,7 @@ class PipelineConfig(Strict):
     quality: QualitySpec = QualitySpec()
     retrain: RetrainSpec = RetrainSpec()
     report: ReportSpec = ReportSpec()
+    storage: StorageSpec = StorageSpec()
 
 
 class PipelinesFile(Strict):
@@ -231,7 +274,12 @@ def _allowed_keys(model: type[BaseModel] | None) -> list[str]:
     return sorted(model.model_fields) if model else []
 
 
-SOURCES_BY_KIND: dict[str, type[BaseModel]] = {"folder": FolderSource, "csv": CsvSource, "mni152": Mni152Source}
+SOURCES_BY_KIND: dict[str, type[BaseModel]] = {
+    "folder": FolderSource,
+    "csv": CsvSource,
+    "mni152": Mni152Source,
+    "s3": S3Source,
+}
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -255,17 +303,32 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+MAX_PROBLEMS_SHOWN = 5
+MAX_INPUT_CHARS = 60
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a user value, cut to :data:`MAX_INPUT_CHARS` (inputs can be whole sections)."""
+    text = repr(value)
+    return text if len(text) <= MAX_INPUT_CHARS else text[: MAX_INPUT_CHARS - 3] + "..."
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
 def format_validation_error(error: ValidationError, origin: str) -> str:
-    """One line per problem: ``origin: dotted.key: message; allowed: ... (did you mean ...?)``."""
+    """One line: ``origin: dotted.key: message; allowed: ... (did you mean ...?)``; several
+    problems are joined by ``; `` (the first :data:`MAX_PROBLEMS_SHOWN`, then a count)."""
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = _flat(".".join(str(p) for p in loc)) or "(top level)"
         if item["type"] == "extra_forbidden":
             allowed = _allowed_keys(_model_at(loc))
             guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-            lines.append(f"{origin}: {key}: unknown key; allowed: {', '.join(allowed)}{hint}")
+            lines.append(f"{key}: unknown key; allowed: {', '.join(allowed)}{hint}")
             continue
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "literal_error":
@@ -273,27 +336,55 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
             guess = difflib.get_close_matches(str(item.get("input")), options, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-            lines.append(f"{origin}: {key}: got {item.get('input')!r}; allowed: {expected}{hint}")
+            lines.append(f"{key}: got {_short(item.get('input'))}; allowed: {expected}{hint}")
             continue
         if item["type"] == "union_tag_invalid":
-            lines.append(f"{origin}: {key}: {message}")
+            lines.append(f"{key}: {_flat(message)}")
             continue
-        lines.append(f"{origin}: {key}: {message} (got {item.get('input')!r})")
-    return "\n".join(lines)
+        lines.append(f"{key}: {_flat(message)} (got {_short(item.get('input'))})")
+    shown = lines[:MAX_PROBLEMS_SHOWN]
+    more = f"; and {len(lines) - len(shown)} more problem(s)" if len(lines) > len(shown) else ""
+    return f"{origin}: " + "; ".join(shown) + more
 
 
 # --------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the base constructor reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_short(key)}; give each key once", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_pipelines(path: Path | str = DEFAULT_CONFIG) -> PipelinesFile:
-    """Parse and validate a pipelines file; raises ConfigError with readable lines."""
+    """Parse and validate a pipelines file; raises ConfigError with a one-line message."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipelines file not found; pass --config PATH to an existing YAML")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); expected a UTF-8 YAML file; re-save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix the syntax") from None
+        problem = _flat(str(getattr(exc, "problem", None) or exc))
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply; expected a pipelines file") from None
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{path}: expected a mapping with a top-level 'pipelines:' key, got {type(data).__name__}")
     try:

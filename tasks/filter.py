@@ -62,12 +62,15 @@ def quality_schema(sanity: bool, label: bool) -> pa.Schema:
 
 
 def sanity_scores(image: np.ndarray) -> tuple[float, float, float]:
-    """``(q_std, q_saturated, q_nan)`` of one image, float32 ``(C, H, W)`` in [0, 1]
-    (pixels at exactly 0.0 or 1.0 are saturated: the dtype's minimum and maximum)."""
+    """``(q_std, q_saturated, q_nan)`` of one image, float32 ``(C, H, W)`` in [0, 1].
+
+    ``q_saturated`` is the fraction of pixels at the maximum (1.0): clipped highlights.
+    Pixels at 0.0 are not counted, because a black background is normal in MRI and CT;
+    a blank image is caught by ``q_std`` instead."""
     if not np.isfinite(image).all():
         return math.nan, math.nan, 1.0
     pixels = image.astype(np.float64)
-    saturated = float(np.mean((pixels == 0.0) | (pixels == 1.0)))
+    saturated = float(np.mean(pixels >= 1.0))
     return float(pixels.std()), saturated, 0.0
 
 

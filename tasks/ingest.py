@@ -20,6 +20,16 @@ shards: the ``source`` uri is the input's posix path relative to the dataset roo
 folder, or the CSV root) plus ``#slice=NNN`` for volume slices (MNI152:
 ``nilearn:mni152_2009a_t1_1mm#z=+012``), ids are hashes of that uri, rows are sorted by id, splits come
 from hashes seeded by ``cfg.seed``, nothing depends on time, machine paths or dict order.
+
+Identifiers: file paths often carry the subject id (``PAT-0042/t1.dcm``), so every
+whole-token occurrence of a raw subject id met anywhere in this ingest (CSV ``subject``,
+``subject_regex`` match, DICOM PatientID) in a path is replaced by its pseudonym before
+the path reaches the ``source`` column, row ids, ``rejects.json`` or the log. An
+identifier that no input declares as a subject id (a patient name used as a folder
+name, say) cannot be recognised: keep such names out of the source's paths.
+With ``preprocess.channels: 1`` a colour image (channels that differ by more than
+:data:`COLOUR_TOLERANCE` on average) is rejected rather than silently turned grey;
+grey images saved as RGB are converted.
 """
 
 from __future__ import annotations
@@ -29,10 +39,11 @@ import hashlib
 import importlib.resources
 import logging
 import math
+import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
@@ -43,13 +54,15 @@ from generators.errors import ConfigError, DataError
 from generators.shards import SPLITS, Row, from_unit_float, sha256_file, write_dataset, write_json_atomic
 from tasks.config import CsvSource, FolderSource, Mni152Source, PipelineConfig, PreprocessSpec
 from tasks.paths import PipelinePaths
-from tasks.pseudonym import key_source, pseudonymise
-from tasks.readers import Decoded, ReadError, cut_volume, file_format, read_image, read_mask
+from tasks.pseudonym import Redactor, key_source, pseudonymise
+from tasks.readers import Decoded, ReadError, cut_volume, file_format, one_line, read_image, read_mask
+from tasks.storage import localize_source
 
 logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 1024
 FOREGROUND_THRESHOLD = 0.1  # scaled intensity in [0, 1] above which a pixel is foreground
+COLOUR_TOLERANCE = 0.03  # mean channel spread in [0, 1] up to which an RGB image counts as grey
 ID_HEX_CHARS = 16
 MAX_REJECTS_LOGGED = 20
 CSV_REQUIRED = ("image", "label", "subject")
@@ -66,16 +79,19 @@ MNI152_SUBJECT = "mni152"
 # --------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class _Input:
-    """One input file. ``file``: posix path relative to the dataset root (for rejects and
-    uris); ``subject``: pseudonym from the CSV or subject_regex, else None (then the
-    file's own PatientID, else ``stem_subject``)."""
+    """One input file. ``file``: posix path relative to the dataset root, known subject
+    ids redacted (for rejects and uris); ``subject``: pseudonym from the CSV or
+    subject_regex, else None (then the file's own PatientID, else ``stem_subject``);
+    ``key``: what makes two inputs the same file (never written out); ``line``: CSV line."""
 
     file: str
     path: Path
     label: str
     subject: str | None
     stem_subject: str
+    key: str
     mask_path: Path | None = None
+    line: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,7 @@ class _Outcome:
     drafts: list[_Draft] = field(default_factory=list)
     dropped_slices: int = 0
     reject: dict[str, str] | None = None
+    redactor: Redactor | None = None  # the file's own subject id (DICOM PatientID)
 
 
 def _reject(file: str, reason: str) -> _Outcome:
@@ -192,12 +209,33 @@ def _draft(
     return _Draft(id=rid, base_subject=subject, group=group, label=label, record=row.to_record())
 
 
+def _redact_draft(draft: _Draft, known: Redactor) -> _Draft:
+    """The draft with known raw subject ids replaced in the file part of its uri (the
+    ``#slice=NNN`` suffix is kept); the row id follows the new uri."""
+    match = re.fullmatch(r"(.*?)(#slice=\d+)?", draft.record["source"], re.DOTALL)
+    uri = known(match.group(1)) + (match.group(2) or "")
+    if uri == draft.record["source"]:
+        return draft
+    rid = row_id(uri)
+    return replace(draft, id=rid, record={**draft.record, "id": rid, "source": uri})
+
+
 def _image_drafts(
     decoded: Decoded, mask: np.ndarray | None, spec: PreprocessSpec, uri: str, subject: str, label: str
 ) -> list[_Draft]:
     if mask is not None and mask.shape != decoded.array.shape[1:]:
-        raise ReadError(f"mask shape {mask.shape} differs from image shape {decoded.array.shape[1:]}; expected equal")
+        raise ReadError(
+            f"mask shape {mask.shape} differs from image shape {decoded.array.shape[1:]}; expected equal: "
+            "fix the mask or remove the row"
+        )
     unit = scale_intensity(decoded.array, decoded.eight_bit, spec.clip_percentiles)
+    if spec.channels == 1 and unit.shape[0] == 3:
+        spread = float(np.mean(unit.max(axis=0) - unit.min(axis=0)))
+        if spread > COLOUR_TOLERANCE:
+            raise ReadError(
+                f"colour image (mean channel spread {spread:.2f} > {COLOUR_TOLERANCE}) where grey is expected "
+                "(preprocess.channels: 1); set preprocess.channels: 3 or convert the file to grey"
+            )
     image = pad_resize(to_channels(unit, spec.channels), spec.size)
     small_mask = None if mask is None else pad_resize_mask(mask, spec.size)
     return [_draft(uri, subject, subject, label, image, small_mask, spec)]
@@ -237,13 +275,17 @@ def _volume_drafts(
 
 
 def _process(item: _Input, spec: PreprocessSpec) -> _Outcome:
-    """Read, preprocess and encode one input file; per-file problems become a reject."""
+    """Read, preprocess and encode one input file; per-file problems become a reject.
+    The outcome carries the file's own subject id (DICOM PatientID) for redaction."""
+    redactor = None
     try:
         decoded = read_image(item.path)
+        redactor = decoded.redact
         mask = None if item.mask_path is None else read_mask(item.mask_path)
         subject = item.subject or decoded.subject or item.stem_subject
         if decoded.kind == "image":
-            return _Outcome(drafts=_image_drafts(decoded, mask, spec, item.file, subject, item.label))
+            drafts = _image_drafts(decoded, mask, spec, item.file, subject, item.label)
+            return _Outcome(drafts=drafts, redactor=redactor)
         drafts, dropped = _volume_drafts(
             decoded.array,
             decoded.eight_bit,
@@ -253,9 +295,11 @@ def _process(item: _Input, spec: PreprocessSpec) -> _Outcome:
             label_of=lambda k: item.label,
             uri_of=lambda k: f"{item.file}#slice={k:03d}",
         )
-        return _Outcome(drafts=drafts, dropped_slices=dropped)
+        return _Outcome(drafts=drafts, dropped_slices=dropped, redactor=redactor)
     except ReadError as exc:
-        return _reject(item.file, str(exc))
+        outcome = _reject(item.file, str(exc))
+        outcome.redactor = redactor
+        return outcome
 
 
 # --------------------------------------------------------------------------- paths
@@ -276,6 +320,25 @@ def _hidden(rel: PurePosixPath) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+def _printable(name: str) -> str:
+    """A file name safe for JSON/Parquet/logs: undecodable bytes as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _printable_file(name: str) -> str:
+    """A reject's file on one line: undecodable bytes and control characters escaped."""
+    text = _printable(name)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _source_dir(paths: PipelinePaths, configured: str, what: str) -> Path:
     path = paths.root / configured
     if not path.exists():
@@ -287,7 +350,11 @@ def _source_dir(paths: PipelinePaths, configured: str, what: str) -> Path:
 
 
 # --------------------------------------------------------------------------- sources
-def _folder_inputs(src: FolderSource, paths: PipelinePaths) -> tuple[list[_Input], list[dict[str, str]]]:
+def _folder_inputs(
+    src: FolderSource, paths: PipelinePaths, known: Redactor
+) -> tuple[list[_Input], list[dict[str, str]]]:
+    """Inputs below ``src.path`` (one sub-folder per class); subject ids matched by
+    ``subject_regex`` are added to ``known`` and replaced in the input's ``file``."""
     root = _source_dir(paths, src.path, "folder")
     if not root.is_dir():
         raise DataError(f"{src.path}: expected a folder with one sub-folder per class, got a file; fix source.path")
@@ -299,6 +366,14 @@ def _folder_inputs(src: FolderSource, paths: PipelinePaths) -> tuple[list[_Input
     inputs: list[_Input] = []
     rejects: list[dict[str, str]] = []
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for loose in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if file_format(loose) is not None:
+            rejects.append(
+                {
+                    "file": _printable(loose.name),
+                    "reason": f"image outside any class sub-folder; move it into {src.path}/<label>/",
+                }
+            )
     for class_dir in classes:
         files = sorted(
             (
@@ -310,28 +385,47 @@ def _folder_inputs(src: FolderSource, paths: PipelinePaths) -> tuple[list[_Input
         )
         for path in files:
             rel = path.relative_to(root).as_posix()
+            if not _utf8(rel):
+                rejects.append({"file": _printable(rel), "reason": "file or folder name is not valid UTF-8; rename it"})
+                continue
             if not _inside(path, real_root):
                 rejects.append({"file": rel, "reason": "path escapes the dataset root (symlink); copy the file in"})
                 continue
             if file_format(path) is None:
-                rejects.append({"file": rel, "reason": "unsupported file type; expected PNG, JPEG, DICOM or NIfTI"})
+                rejects.append(
+                    {
+                        "file": rel,
+                        "reason": "unsupported file type; expected PNG, JPEG, DICOM or NIfTI: convert or remove it",
+                    }
+                )
                 continue
-            subject = None
+            subject, shown = None, rel
             if pattern is not None:
-                match = pattern.search(path.relative_to(class_dir).as_posix())
-                if match is None or not (match.group(1) if pattern.groups else match.group(0)):
+                inner = path.relative_to(class_dir).as_posix()
+                match = pattern.search(inner)
+                group = 1 if pattern.groups else 0
+                if match is None or not match.group(group):
                     rejects.append(
-                        {"file": rel, "reason": f"source.subject_regex {src.subject_regex!r} does not match"}
+                        {
+                            "file": rel,
+                            "reason": f"source.subject_regex {src.subject_regex!r} does not match; "
+                            "fix the pattern or rename the file",
+                        }
                     )
                     continue
-                subject = pseudonymise(match.group(1) if pattern.groups else match.group(0))
+                raw = match.group(group)
+                known.add(raw)
+                subject = pseudonymise(raw)
+                start, end = match.span(group)
+                shown = f"{class_dir.name}/{inner[:start]}{subject}{inner[end:]}"
             inputs.append(
                 _Input(
-                    file=rel,
+                    file=shown,
                     path=path,
                     label=class_dir.name,
                     subject=subject,
                     stem_subject=pseudonymise(_stem(path.name)),
+                    key=rel,
                 )
             )
     if not inputs and not rejects:
@@ -344,16 +438,21 @@ def _folder_inputs(src: FolderSource, paths: PipelinePaths) -> tuple[list[_Input
 
 def _csv_path(entry: str, root: Path, real_root: Path) -> tuple[Path | None, str | None]:
     """Resolve one CSV path entry; returns (path, None) or (None, reason)."""
-    candidate = Path(entry)
-    full = candidate if candidate.is_absolute() else root / candidate
-    if not _inside(full, real_root):
-        return None, f"path {entry!r} escapes the dataset root; keep images under the CSV root"
-    if not full.is_file():
-        return None, f"file {entry!r} not found under the CSV root; fix the path in the CSV"
+    try:
+        candidate = Path(entry)
+        full = candidate if candidate.is_absolute() else root / candidate
+        if not _inside(full, real_root):
+            return None, "path escapes the dataset root; keep images under the CSV root"
+        if not full.is_file():
+            return None, "file not found under the CSV root; fix the path in the CSV"
+    except (ValueError, OSError) as exc:  # NUL byte, name too long, ...
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # no machine path
+        return None, f"unusable path ({type(exc).__name__}: {one_line(detail, 80)}); fix the path in the CSV"
     return full, None
 
 
-def _csv_inputs(src: CsvSource, paths: PipelinePaths) -> tuple[list[_Input], list[dict[str, str]]]:
+def _csv_inputs(src: CsvSource, paths: PipelinePaths, known: Redactor) -> tuple[list[_Input], list[dict[str, str]]]:
+    """Inputs listed in the CSV; every subject id is added to ``known``."""
     csv_file = _source_dir(paths, src.path, "CSV")
     if not csv_file.is_file():
         raise DataError(f"{src.path}: expected a CSV file, got a folder; point source.path at the CSV")
@@ -372,10 +471,17 @@ def _csv_inputs(src: CsvSource, paths: PipelinePaths) -> tuple[list[_Input], lis
                     f"{', '.join(CSV_REQUIRED)} (optional: {', '.join(CSV_OPTIONAL)}); got: "
                     f"{', '.join(header) or 'no header'}; add them to the header row"
                 )
+            doubled = sorted({name for name in header if header.count(name) > 1} & {*CSV_REQUIRED, *CSV_OPTIONAL})
+            if doubled:
+                raise DataError(
+                    f"{src.path}: column(s) {', '.join(doubled)} appear more than once in the header; keep one of each"
+                )
             reader.fieldnames = header
             lines = [(reader.line_num, row) for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{src.path}: unreadable CSV ({exc}); expected UTF-8 comma-separated text") from None
+        raise DataError(
+            f"{src.path}: unreadable CSV ({one_line(exc, 120)}); expected UTF-8 comma-separated text; fix the file"
+        ) from None
     if not lines:
         raise DataError(f"{src.path}: the CSV has a header but no rows; expected one row per image")
     inputs: list[_Input] = []
@@ -385,8 +491,11 @@ def _csv_inputs(src: CsvSource, paths: PipelinePaths) -> tuple[list[_Input], lis
         label = (row.get("label") or "").strip()
         subject = (row.get("subject") or "").strip()
         mask_entry = (row.get("mask") or "").strip()
+        known.add(subject)  # replaced in the image path, in every reject of this row too
         if not image:
-            rejects.append({"file": f"{Path(src.path).name}:{line}", "reason": "empty image path"})
+            rejects.append(
+                {"file": f"{Path(src.path).name}:{line}", "reason": "empty image path; fill in the image column"}
+            )
             continue
         if not label:
             rejects.append({"file": image, "reason": f"missing label (CSV line {line}); fill in the label column"})
@@ -404,14 +513,17 @@ def _csv_inputs(src: CsvSource, paths: PipelinePaths) -> tuple[list[_Input], lis
             if mask_path is None:
                 rejects.append({"file": image, "reason": f"mask: {problem} (CSV line {line})"})
                 continue
+        real = path.resolve().relative_to(real_root).as_posix()
         inputs.append(
             _Input(
-                file=path.resolve().relative_to(real_root).as_posix(),
+                file=real,
                 path=path,
                 label=label,
                 subject=pseudonymise(subject),
                 stem_subject=pseudonymise(subject),
+                key=real,
                 mask_path=mask_path,
+                line=line,
             )
         )
     return inputs, rejects
@@ -551,21 +663,32 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     """
     spec = cfg.preprocess
     _check_preprocess(spec)
-    src = cfg.source
+    src = localize_source(cfg.source, paths)  # an s3 source: downloaded, then read as a folder
     extra: dict[str, Any] = {}
+    known = Redactor()  # raw subject ids met on the way; replaced in every path written out
     if isinstance(src, Mni152Source):
         outcome, digests = _mni152_outcome(src, spec)
         outcomes, rejects, n_inputs = [outcome], [], 1
         extra["template_sha256"] = digests
     else:
-        inputs, rejects = _folder_inputs(src, paths) if isinstance(src, FolderSource) else _csv_inputs(src, paths)
+        if isinstance(src, FolderSource):
+            inputs, rejects = _folder_inputs(src, paths, known)
+        else:
+            inputs, rejects = _csv_inputs(src, paths, known)
         unique: list[_Input] = []
-        seen: set[str] = set()
+        first: dict[str, _Input] = {}
         for item in inputs:
-            if item.file in seen:
-                rejects.append({"file": item.file, "reason": "duplicate id: this image is listed more than once"})
+            if item.key in first:
+                where = f"at CSV lines {first[item.key].line} and {item.line}" if item.line else "twice"
+                rejects.append(
+                    {
+                        "file": item.file,
+                        "reason": f"duplicate id: the same image is listed {where}; the first is kept, "
+                        "remove the other row",
+                    }
+                )
                 continue
-            seen.add(item.file)
+            first[item.key] = item
             unique.append(item)
         n_inputs = len(inputs)
         outcomes = list(_run_inputs(unique, spec, cfg.threads))
@@ -574,8 +697,12 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     for outcome in outcomes:
         if outcome.reject is not None:
             rejects.append(outcome.reject)
+        if outcome.redactor is not None:
+            known.update(outcome.redactor)
         drafts.extend(outcome.drafts)
         dropped += outcome.dropped_slices
+    drafts = [_redact_draft(d, known) for d in drafts]
+    rejects = [{"file": _printable_file(known(r["file"])), "reason": " ".join(r["reason"].split())} for r in rejects]
     ids = Counter(d.id for d in drafts)
     if any(n > 1 for n in ids.values()):
         raise DataError("internal: two inputs gave the same row id; report this with the input file list")
@@ -606,7 +733,7 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     subjects = len({d.base_subject for d in drafts})
     provenance = {
         "stage": "ingest",
-        "source": src.model_dump(mode="json"),
+        "source": cfg.source.model_dump(mode="json"),
         "preprocess": spec.model_dump(mode="json"),
         "seed": cfg.seed,
         "pseudonym": {"method": "hmac-sha256", "key": key_source()},

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 from typing import Literal
 
@@ -65,3 +66,52 @@ def pseudonymise(subject: str) -> str:
         raise DataError("expected a non-empty subject id, got an empty one; fill in the subject")
     digest = hmac.new(_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()
     return PREFIX + digest[:HEX_CHARS]
+
+
+class Redactor:
+    """Replaces whole-token occurrences of known raw subject ids in a text (a file path)
+    by their pseudonyms. A token is delimited by the text's ends or by characters other
+    than letters and digits, so with ``PAT-7`` known, ``"PAT-7/PAT-7_t1.dcm"`` becomes
+    ``"sub-.../sub-..._t1.dcm"`` while ``"PAT-77"`` is left alone; longer ids win.
+
+    Thread-safe. The raw ids stay inside: ``repr`` shows only how many there are.
+    """
+
+    def __init__(self, *subjects: str) -> None:
+        self._raw: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+        for subject in subjects:
+            self.add(subject)
+
+    def add(self, subject: str) -> None:
+        raw = subject.strip()
+        if raw:
+            with self._lock:
+                if raw not in self._raw:
+                    self._raw.add(raw)
+                    self._pattern = None
+
+    def update(self, other: "Redactor") -> None:
+        with other._lock:
+            raws = set(other._raw)
+        for raw in raws:
+            self.add(raw)
+
+    def __call__(self, text: str) -> str:
+        with self._lock:
+            if not self._raw:
+                return text
+            if self._pattern is None:
+                options = "|".join(re.escape(r) for r in sorted(self._raw, key=lambda r: (-len(r), r)))
+                self._pattern = re.compile(rf"(?<![^\W_])(?:{options})(?![^\W_])")
+            pattern = self._pattern
+        return pattern.sub(lambda match: pseudonymise(match.group(0)), text)
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self._raw)} ids)"
+
+
+def redact(text: str, subject: str) -> str:
+    """``text`` with the raw ``subject`` id replaced by its pseudonym (see :class:`Redactor`)."""
+    return Redactor(subject)(text)

@@ -16,7 +16,11 @@ that ingest writes to ``rejects.json``. Array conventions:
 
 DICOM: only pixel data and the tags listed in :data:`DICOM_TAGS` are parsed
 (``specific_tags``); PatientID is pseudonymised inside :func:`read_dicom`, so no raw
-identifier ever leaves this module. PatientName, dates, institution etc. are never read.
+identifier ever leaves this module (``Decoded.redact`` replaces it in a path without
+revealing it). PatientName, dates, institution etc. are never read.
+
+Reasons never contain the machine path of the file (library messages that quote it
+have it replaced by ``<file>``), so ``rejects.json`` is the same on every machine.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from generators.errors import DataError
-from tasks.pseudonym import pseudonymise
+from tasks.pseudonym import Redactor, pseudonymise
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +77,30 @@ class Decoded:
     ``kind == "volume"``; raw sample values, all finite. ``eight_bit``: the samples are
     8-bit (0..255, scaled by 1/255 at ingest rather than clipped at percentiles).
     ``subject``: pseudonymised subject from the file (DICOM PatientID) or None.
+    ``redact``: replaces that subject's raw id in a text (a path) by the pseudonym
+    (empty, i.e. the identity, when the file names no subject).
     """
 
     array: np.ndarray
     kind: Literal["image", "volume"]
     eight_bit: bool
     subject: str | None = None
+    redact: Redactor = field(default_factory=Redactor)
 
 
 def one_line(text: object, limit: int = 200) -> str:
     """Collapse an error message to one line of at most ``limit`` characters."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def describe(exc: BaseException, path: Path) -> str:
+    """``TypeName: message`` on one line, with the file's machine path (as given, or
+    resolved) replaced by ``<file>``: library messages often quote it."""
+    text = str(exc)
+    for spelling in sorted({str(path), str(Path(path).resolve()), str(Path(path).absolute())}, key=len, reverse=True):
+        text = text.replace(spelling, "<file>")
+    return f"{type(exc).__name__}: {one_line(text)}"
 
 
 def file_format(path: Path) -> Literal["pil", "nifti", "dicom"] | None:
@@ -109,7 +125,7 @@ def file_format(path: Path) -> Literal["pil", "nifti", "dicom"] | None:
 def _check_finite(array: np.ndarray) -> None:
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise ReadError(f"{bad} NaN/inf samples; expected finite intensities (fix or drop the file)")
+        raise ReadError(f"{bad} NaN/inf samples; expected finite intensities: fix or remove the file")
 
 
 # --------------------------------------------------------------------------- PIL
@@ -135,11 +151,16 @@ def read_pil(path: Path) -> Decoded:
             elif mode in ("I", "F"):
                 array, eight_bit = np.asarray(img), False
             else:
-                raise ReadError(f"unsupported image mode {mode!r}; expected grey, RGB or 16-bit grey")
+                raise ReadError(
+                    f"unsupported image mode {mode!r}; expected grey, RGB or 16-bit grey: convert the file or remove it"
+                )
     except ReadError:
         raise
     except _PIL_ERRORS as exc:
-        raise ReadError(f"unreadable or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None
+        raise ReadError(
+            f"unreadable or corrupt image ({describe(exc, path)}); expected a complete PNG or JPEG: "
+            "re-export the file or remove it"
+        ) from None
     pixels = array.astype(np.float32)
     pixels = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
     _check_finite(pixels)
@@ -157,7 +178,10 @@ def read_pil_mask(path: Path) -> np.ndarray:
     except ReadError:
         raise
     except _PIL_ERRORS as exc:
-        raise ReadError(f"unreadable or corrupt mask ({type(exc).__name__}: {one_line(exc)})") from None
+        raise ReadError(
+            f"unreadable or corrupt mask ({describe(exc, path)}); expected a complete PNG of class indices: "
+            "re-export the mask or remove the row"
+        ) from None
     return array.astype(np.int64)
 
 
@@ -172,12 +196,15 @@ def _load_nifti(path: Path) -> np.ndarray:
             img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (ImageFileError, OSError, EOFError, ValueError, zlib.error, struct.error) as exc:
-        raise ReadError(f"unreadable or truncated NIfTI ({type(exc).__name__}: {one_line(exc)})") from None
+        raise ReadError(
+            f"unreadable or truncated NIfTI ({describe(exc, path)}); expected a complete .nii/.nii.gz: "
+            "re-export the file or remove it"
+        ) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise ReadError(
-            f"NIfTI of shape {tuple(data.shape)}; expected 2D, 3D or 4D with one volume (split 4D series first)"
+            f"NIfTI of shape {tuple(data.shape)}; expected 2D, 3D or 4D with one volume: split 4D series into volumes first"
         )
     return data
 
@@ -228,7 +255,9 @@ def read_dicom(path: Path) -> Decoded:
     try:
         ds = pydicom.dcmread(str(path), specific_tags=list(DICOM_TAGS))
         if "PixelData" not in ds:
-            raise ReadError("DICOM has no PixelData; expected an image object (not a report or series index)")
+            raise ReadError(
+                "DICOM has no PixelData; expected an image object (not a report or series index): remove it from the source"
+            )
         pixels = np.asarray(ds.pixel_array)
         samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -250,28 +279,40 @@ def read_dicom(path: Path) -> Decoded:
         struct.error,
     ) as exc:
         # pydicom messages name tags and lengths, never element values: safe to record
-        raise ReadError(f"unreadable DICOM ({type(exc).__name__}: {one_line(exc)})") from None
+        if isinstance(exc, InvalidDicomError):
+            raise ReadError(
+                "not a DICOM file (no 'DICM' preamble or file meta); expected a DICOM Part 10 file: "
+                "re-export it from the PACS/viewer or remove it"
+            ) from None
+        raise ReadError(
+            f"unreadable DICOM ({describe(exc, path)}); expected a complete DICOM image: re-export it or remove it"
+        ) from None
     subject = pseudonymise(raw_id) if raw_id else None
+    redactor = Redactor(raw_id)
     if samples not in (1, 3):
-        raise ReadError(f"DICOM with SamplesPerPixel={samples}; expected 1 (grey) or 3 (RGB)")
+        raise ReadError(
+            f"DICOM with SamplesPerPixel={samples}; expected 1 (grey) or 3 (RGB): convert the file or remove it"
+        )
     if samples == 3:
         if frames > 1:
-            raise ReadError(f"multi-frame colour DICOM ({frames} frames); expected grey for volumes")
+            raise ReadError(
+                f"multi-frame colour DICOM ({frames} frames); expected grey for volumes: convert the frames to grey or remove it"
+            )
         image = np.moveaxis(pixels.astype(np.float32), -1, 0)
-        return Decoded(np.ascontiguousarray(image), "image", bits == 8, subject)
+        return Decoded(np.ascontiguousarray(image), "image", bits == 8, subject, redactor)
     values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     _check_finite(values)
     eight_bit = bits == 8 and slope == 1.0 and intercept == 0.0
     if frames > 1:
         if values.ndim != 3:
             raise ReadError(
-                f"DICOM says {frames} frames but decoded shape {values.shape}; expected (frames, rows, cols)"
+                f"DICOM says {frames} frames but decoded shape {values.shape}; expected (frames, rows, cols): re-export it"
             )
         volume = np.flip(values, axis=1).transpose(2, 1, 0)
-        return Decoded(np.ascontiguousarray(volume), "volume", eight_bit, subject)
+        return Decoded(np.ascontiguousarray(volume), "volume", eight_bit, subject, redactor)
     if values.ndim != 2:
-        raise ReadError(f"DICOM pixel array of shape {values.shape}; expected (rows, cols)")
-    return Decoded(np.ascontiguousarray(values[None]), "image", eight_bit, subject)
+        raise ReadError(f"DICOM pixel array of shape {values.shape}; expected (rows, cols): re-export it")
+    return Decoded(np.ascontiguousarray(values[None]), "image", eight_bit, subject, redactor)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -284,7 +325,9 @@ def read_image(path: Path) -> Decoded:
         return read_nifti(path)
     if kind == "dicom":
         return read_dicom(path)
-    raise ReadError("unsupported file type; expected .png, .jpg, .jpeg, .dcm (or DICOM without suffix), .nii, .nii.gz")
+    raise ReadError(
+        "unsupported file type; expected .png, .jpg, .jpeg, .dcm (or DICOM without suffix), .nii, .nii.gz: convert or remove it"
+    )
 
 
 def read_mask(path: Path) -> np.ndarray:

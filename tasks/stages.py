@@ -181,10 +181,14 @@ def up_to_date(verb: str, cfg: PipelineConfig, paths: PipelinePaths) -> dict[str
     return record["summary"]
 
 
-def run_stage(verb: str, cfg: PipelineConfig, paths: PipelinePaths, *, force: bool = True) -> dict[str, Any]:
+def run_stage(
+    verb: str, cfg: PipelineConfig, paths: PipelinePaths, *, force: bool = True, **options: Any
+) -> dict[str, Any]:
     """Run one stage; with ``force=False`` an up-to-date stage is skipped. The summary gains
     ``skipped`` (bool). A record of the fingerprint and output digests is kept under
-    ``paths.state`` so either driver can tell later whether the outputs are current."""
+    ``paths.state`` so either driver can tell later whether the outputs are current.
+    ``options`` go to the stage function and must not change its outputs (e.g.
+    ``map_shards`` of ``synthesize``: where shards are made, not what they hold)."""
     if verb not in STAGES:
         raise KeyError(verb)
     if not force:
@@ -193,7 +197,7 @@ def run_stage(verb: str, cfg: PipelineConfig, paths: PipelinePaths, *, force: bo
             log.info("stage %s is up to date; skipped", verb)
             return {**summary, "skipped": True}
     stage = STAGES[verb]
-    summary = stage.load()(cfg, paths)
+    summary = stage.load()(cfg, paths, **options)
     paths.state.mkdir(parents=True, exist_ok=True)
     outputs = {str(p.relative_to(paths.root)): digest_path(p) for p in [*stage.outs(paths), *stage.metrics(paths)]}
     write_json_atomic(

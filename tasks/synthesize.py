@@ -5,23 +5,33 @@ The plan (row ids, labels, shard boundaries, per-shard seeds) is fixed before an
 is made, so every shard is independent: shards can run in parallel or be resumed, and
 the same config gives byte-identical shards. Shard ``k`` uses seed
 ``synthesis.seed * 1_000_003 + k``; batch ``b`` inside it uses ``shard_seed * 1_009 + b``.
+
+Resume: a run that is killed or fails keeps its completed shards in
+``data/<pipeline>/.synthetic.partial-<key>``; the next run with the same key (same
+generator weights, plan, dtype, device, threads, torch and code) keeps the shards whose
+sha256 matches and makes only the rest, so the result is byte-identical to an
+uninterrupted run. Any change of those inputs gives a new key and a fresh start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
+import torch
 
 from generators.contract import Generator
 from generators.errors import ConfigError, DataError
 from generators.registry import load_generator
 from generators.shards import (
-    Row,
     DatasetWriter,
+    Row,
     from_unit_float,
     read_manifest,
     read_table,
@@ -108,6 +118,24 @@ def iter_shards(generator: Generator, plans: list[ShardPlan], batch_size: int, d
         yield generate_shard(generator, plan, batch_size, dtype)
 
 
+def resume_key(generator: Generator, provenance: dict[str, Any], *, dtype: str, device: str, threads: int) -> str:
+    """Digest of everything that fixes the shards' bytes: the card (weights sha256
+    included), the plan (``provenance``: counts, seed, shard_rows, batch_size), the pixel
+    dtype, device, torch threads and version, and the stage code."""
+    from tasks.stages import code_digest
+
+    payload = {
+        "card": generator.card.model_dump(mode="json"),
+        "plan": provenance,
+        "dtype": dtype,
+        "device": device,
+        "threads": threads,
+        "torch": torch.__version__,
+        "code": code_digest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def real_train_counts(paths: PipelinePaths) -> dict[str, int]:
     counts = read_manifest(paths.real)["class_counts"].get("train", {})
     if not counts:
@@ -121,8 +149,34 @@ def real_dtype(paths: PipelinePaths) -> str:
     return dtypes.most_common(1)[0][0]
 
 
-def synthesize(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
-    """Generate ``requested_counts`` images per class; returns counts and the generator ref."""
+ShardMap = Callable[[Callable[[ShardPlan], pa.Table], Sequence[ShardPlan]], Iterable[pa.Table]]
+"""``map_shards(make, plans)``: the tables ``make(plan)`` of every plan, yielded in plan
+order, made in any order or place (e.g. the Prefect flow's thread-pool shard tasks)."""
+
+
+def _write_mapped(
+    writer: DatasetWriter, plans: list[ShardPlan], make: Callable[[ShardPlan], pa.Table], map_shards: ShardMap
+) -> None:
+    """Write shards made by ``map_shards``. Shards kept from an interrupted run (always
+    a prefix of the plan when the writer wrote them) are not made again; a kept shard
+    after the first one made is made anyway and its table dropped."""
+    made: Iterator[pa.Table] | None = None
+    for plan in plans:
+        resumed = writer.resume_shard()
+        if made is None:
+            if resumed:
+                continue
+            made = iter(map_shards(make, plans[plan.index :]))
+        table = next(made)
+        if not resumed:
+            writer.write_table(table)
+
+
+def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap | None = None) -> dict[str, Any]:
+    """Generate ``requested_counts`` images per class; returns counts and the generator ref.
+
+    ``map_shards`` (optional) makes the shards elsewhere, e.g. in parallel; the shards'
+    bytes do not depend on it (each shard has its own seed)."""
     device = setup_torch(cfg, cfg.synthesis.seed)
     generator = load_generator(paths.generator / "card.yaml", device)
     counts = requested_counts(cfg, real_train_counts(paths))
@@ -141,8 +195,26 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         "shard_rows": cfg.synthesis.shard_rows,
         "batch_size": cfg.synthesis.batch_size,
     }
+    key = resume_key(generator, provenance, dtype=dtype, device=device, threads=cfg.threads)
     log.info("synthesizing %d images in %d shards with %s", sum(counts.values()), len(plans), generator.card.ref)
-    with DatasetWriter(paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance) as writer:
-        for table in iter_shards(generator, plans, cfg.synthesis.batch_size, dtype):
-            writer.write_table(table)
-    return {"generator": generator.card.ref, "counts": counts, "shards": len(plans), "device": device}
+    writer = DatasetWriter(
+        paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance, resume_key=key
+    )
+    with writer:
+        if map_shards is None:
+            for plan in plans:
+                if writer.resume_shard():
+                    continue
+                writer.write_table(generate_shard(generator, plan, cfg.synthesis.batch_size, dtype))
+        else:
+            make = partial(generate_shard, generator, batch_size=cfg.synthesis.batch_size, dtype=dtype)
+            _write_mapped(writer, plans, make, map_shards)
+    if writer.resumed:
+        log.info("resumed: %d of %d shards kept from an interrupted run", writer.resumed, len(plans))
+    return {
+        "generator": generator.card.ref,
+        "counts": counts,
+        "shards": len(plans),
+        "resumed_shards": writer.resumed,
+        "device": device,
+    }

@@ -23,7 +23,7 @@ from generators import registry
 from generators.card import Conditioning, ModelCard, TrainingInfo, Weights, save_card
 from generators.errors import DataError, GeneratorError
 from generators.shards import dataset_digest, decode_table, read_manifest, read_table, replace_dir, write_json_atomic
-from generators.training import TrainingData, train_cgan
+from generators.training import TrainingData, train_cgan, train_generator
 from generators.weights import save_weights, verify_sha256
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
@@ -64,6 +64,8 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
     data = load_training_data(paths, spec.with_masks)
     manifest = read_manifest(paths.real)
     checkpoint = paths.state / f"generator-{_fingerprint(cfg, paths)}.ckpt"
+    if spec.architecture != "cgan":
+        return _train_architecture(cfg, paths, staging, data, manifest, checkpoint, device)
     log.info("training cgan on %d images (%s), %d epochs, device %s", len(data.images), ", ".join(data.label_names), spec.epochs, device)
 
     def progress(epoch: int, row: dict[str, float]) -> None:
@@ -123,6 +125,101 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
             "images": len(data.images), "device": device, "resumed_from_epoch": result.resumed_from_epoch}
 
 
+_DESCRIPTIONS = {
+    "dcgan": "Unconditional DCGAN (MONAI Generator/Discriminator, MedNIST GAN bundle recipe, EMA generator)",
+    "vae": "Class-conditional VAE (MONAI VarAutoEncoder, label maps in, label appended to the latent code)",
+    "ddpm": "Class-conditional diffusion model (MONAI DiffusionModelUNet, DDPM training, DDIM sampling)",
+    "pix2pix": "Mask-to-image pix2pix (MONAI UNet + PatchDiscriminator, L1 + adversarial) emitting image/mask "
+    "pairs; its weights file holds a pool of training segmentation masks (no pixel data, no ids)",
+}
+_TAGS = {
+    "dcgan": ("unconditional", "gan"),
+    "vae": ("conditional", "vae"),
+    "ddpm": ("conditional", "diffusion"),
+    "pix2pix": ("conditional", "gan", "mask-to-image"),
+}
+
+
+def _train_architecture(
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    staging: Path,
+    data: TrainingData,
+    manifest: dict[str, Any],
+    checkpoint: Path,
+    device: str,
+) -> dict[str, Any]:
+    """Train a zoo architecture other than cgan through ``train_generator``; same outputs as the cgan path."""
+    spec = cfg.generator.train
+    arch = spec.architecture
+    log.info(
+        "training %s on %d images (%s), %d epochs, device %s",
+        arch,
+        len(data.images),
+        ", ".join(data.label_names),
+        spec.epochs,
+        device,
+    )
+
+    def progress(epoch: int, row: dict[str, float]) -> None:
+        if epoch == 1 or epoch % max(1, spec.epochs // 10) == 0 or epoch == spec.epochs:
+            losses = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
+            log.info("epoch %d/%d  %s", epoch, spec.epochs, losses)
+
+    result = train_generator(spec, data, device=device, checkpoint=checkpoint, on_epoch=progress)
+    sha = save_weights(result.state, staging / "weights.safetensors")
+    size = data.images.shape[-1]
+    licence = str(manifest["provenance"].get("licence", "see source"))
+    card = ModelCard(
+        id=f"synthmed/{paths.pipeline}-{arch}",
+        version="1.0.0",
+        name=f"{paths.pipeline} {arch}",
+        description=f"{_DESCRIPTIONS[arch]}, trained by synthmed pipeline '{paths.pipeline}'.",
+        changelog={"1.0.0": "trained by the pipeline"},
+        architecture=arch,
+        network=result.network,
+        modality=str(manifest["provenance"].get("modality", "unknown")),
+        anatomy=str(manifest["provenance"].get("anatomy", "unknown")),
+        image_size=(size, size),
+        channels=int(data.images.shape[1]),
+        latent_dim=spec.latent_dim if arch in ("dcgan", "vae") else None,
+        conditioning=Conditioning(
+            labels=result.labels,
+            masks=result.mask_classes > 0,
+            mask_classes=MASK_CLASSES[: result.mask_classes] if result.mask_classes else (),
+        ),
+        training=TrainingInfo(
+            dataset=f"{paths.pipeline} real train split (dataset {dataset_digest(paths.real)})",
+            dataset_licence=licence,
+            images=len(data.images),
+            epochs=spec.epochs,
+            config=spec.model_dump(mode="json"),
+        ),
+        licence=licence,
+        weights=Weights(file="weights.safetensors", sha256=sha, format="safetensors"),
+        dependencies=("torch", "monai", "einops") if arch == "ddpm" else ("torch", "monai"),
+        origin={"kind": "synthmed"},
+        tags=(*_TAGS[arch], f"{size}x{size}"),
+    )
+    save_card(card, staging / "card.yaml")
+    columns = list(result.history[0]) if result.history else ["epoch"]
+    with open(staging / "history.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in result.history:
+            writer.writerow([int(row["epoch"]), *(f"{row[k]:.6f}" for k in columns[1:])])
+    checkpoint.unlink(missing_ok=True)
+    return {
+        "generator": card.ref,
+        "trained": True,
+        "time_s": round(result.time_s, 2),
+        "epochs": spec.epochs,
+        "images": len(data.images),
+        "device": device,
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
+
+
 def _select_existing(cfg: PipelineConfig, staging: Path) -> dict[str, Any]:
     spec = cfg.generator
     if spec.id:
@@ -137,6 +234,7 @@ def _select_existing(cfg: PipelineConfig, staging: Path) -> dict[str, Any]:
         raise GeneratorError(f"{entry.card.ref}: weights not available here; choose another generator")
     verify_sha256(weights, entry.card.weights.sha256)
     shutil.copyfile(entry.path, staging / "card.yaml")
+    (staging / entry.card.weights.file).parent.mkdir(parents=True, exist_ok=True)  # e.g. models/model.pt
     shutil.copyfile(weights, staging / entry.card.weights.file)
     return {"generator": entry.card.ref, "trained": False}
 

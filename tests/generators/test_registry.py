@@ -20,8 +20,16 @@ def _write_card(directory, card_id, *, modality, anatomy, size, fid=None, arch="
     if weights:
         sha = save_weights(ConditionalGenerator(cfg).state_dict(), directory / "weights.safetensors")
     card = ModelCard(
-        id=card_id, version="1.0.0", architecture=arch, network=cfg.__dict__, modality=modality, anatomy=anatomy,
-        image_size=(size, size), channels=1, licence="MIT", tags=tags,
+        id=card_id,
+        version="1.0.0",
+        architecture=arch,
+        network=cfg.__dict__,
+        modality=modality,
+        anatomy=anatomy,
+        image_size=(size, size),
+        channels=1,
+        licence="MIT",
+        tags=tags,
         conditioning={"labels": ("a", "b")},
         metrics={"fid": Metric(value=fid, higher_is_better=False, extractor="test")} if fid is not None else {},
         weights=Weights(file="weights.safetensors" if weights else None, sha256=sha),
@@ -32,7 +40,9 @@ def _write_card(directory, card_id, *, modality, anatomy, size, fid=None, arch="
 
 @pytest.fixture()
 def zoo(tmp_path):
-    _write_card(tmp_path / "brain", "t/brain-mri", modality="MRI", anatomy="brain", size=16, fid=30.0, tags=("diffusion",))
+    _write_card(
+        tmp_path / "brain", "t/brain-mri", modality="MRI", anatomy="brain", size=16, fid=30.0, tags=("diffusion",)
+    )
     _write_card(tmp_path / "brain2", "t/brain-mri-better", modality="MRI", anatomy="brain", size=16, fid=12.0)
     _write_card(tmp_path / "chest", "t/chest-xray", modality="X-ray", anatomy="chest", size=32, fid=50.0)
     _write_card(tmp_path / "mammo", "t/mammo", modality="mammography", anatomy="breast", size=16, weights=False)
@@ -74,8 +84,16 @@ def test_tampered_weights_fail_the_sha256_check(zoo):
 
 def test_card_validation_names_the_bad_field(tmp_path):
     path = tmp_path / "card.yaml"
-    good = {"id": "x/y", "version": "1", "architecture": "cgan", "modality": "MRI", "anatomy": "brain",
-            "image_size": [16, 16], "channels": 1, "licence": "MIT"}
+    good = {
+        "id": "x/y",
+        "version": "1",
+        "architecture": "cgan",
+        "modality": "MRI",
+        "anatomy": "brain",
+        "image_size": [16, 16],
+        "channels": 1,
+        "licence": "MIT",
+    }
     path.write_text(yaml.safe_dump({**good, "architecture": "cgna"}))
     with pytest.raises(ConfigError, match="did you mean 'cgan'"):
         load_card(path)
@@ -93,8 +111,8 @@ def test_card_validation_names_the_bad_field(tmp_path):
 
 
 def test_pickled_code_is_refused(tmp_path):
-    from generators.weights import load_weights
     from generators.shards import sha256_file
+    from generators.weights import load_weights
 
     class Evil:
         def __reduce__(self):
@@ -104,3 +122,66 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": Evil()}, path)
     with pytest.raises(GeneratorError, match="refusing to unpickle"):
         load_weights(path, sha256_file(path), "torch")
+
+
+def test_load_generator_dispatches_through_architecture_loaders(zoo, monkeypatch):
+    import generators.architectures as architectures
+
+    calls = []
+    real = dict(architectures.LOADERS)
+
+    def recording(card, weights, device="cpu"):
+        calls.append((card.ref, weights.name, device))
+        return real["cgan"](card, weights, device)
+
+    monkeypatch.setattr(architectures, "LOADERS", {**real, "cgan": recording})
+    entry = registry.find("t/brain-mri", entries=zoo)
+    assert registry.load_generator(entry).generate(1, seed=0).images.shape == (1, 1, 16, 16)
+    assert calls == [("t/brain-mri@1.0.0", "weights.safetensors", "cpu")]
+
+
+def test_architectures_from_loaders_are_valid_card_architectures(monkeypatch):
+    import generators.architectures as architectures
+
+    good = {
+        "id": "x/y",
+        "version": "1",
+        "modality": "MRI",
+        "anatomy": "brain",
+        "image_size": [16, 16],
+        "channels": 1,
+        "licence": "MIT",
+    }
+    with pytest.raises(Exception, match="unknown architecture 'mynet'"):
+        ModelCard.model_validate({**good, "architecture": "mynet"})
+    monkeypatch.setattr(architectures, "LOADERS", {**architectures.LOADERS, "mynet": lambda *a: None})
+    assert ModelCard.model_validate({**good, "architecture": "mynet"}).architecture == "mynet"
+
+
+def test_user_registry_dirs_and_available_filter(zoo, tmp_path, monkeypatch):
+    monkeypatch.delenv("SYNTHMED_REGISTRY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert registry.user_registry_dir() == tmp_path / "home" / ".synthmed" / "generators"
+    monkeypatch.setenv("SYNTHMED_REGISTRY", f"{tmp_path / 'a'}{__import__('os').pathsep}{tmp_path / 'b'}")
+    assert registry.user_registry_dirs() == [tmp_path / "a", tmp_path / "b"]
+    assert registry.registry_dirs()[:2] == [registry.SHIPPED_CARDS, registry.SHIPPED_ZOO]
+    assert [e.card.id for e in registry.search("", {"available": "false"}, entries=zoo)] == ["t/mammo"]
+    with pytest.raises(GeneratorError, match="expected true or false"):
+        registry.search("", {"available": "maybe"}, entries=zoo)
+
+
+def test_weights_file_must_stay_next_to_the_card():
+    for bad in ("../outside.safetensors", "/etc/passwd", "a/../../b"):
+        with pytest.raises(Exception, match="relative to the card"):
+            Weights(file=bad)
+    assert Weights(file="models/model.pt").file == "models/model.pt"
+
+
+def test_shipped_zoo_lists_the_mednist_bundle_and_medigan_index(monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNTHMED_REGISTRY", str(tmp_path / "empty"))
+    entries = registry.list_entries()
+    refs = {e.card.ref for e in entries}
+    assert "mednist-gan-hand@0.4.2" in refs
+    assert sum(1 for e in entries if e.card.origin.kind == "medigan") == 23
+    hands = registry.search("hand x-ray", {"available": "true"}, entries=entries)
+    assert hands[0].card.id == "mednist-gan-hand"

@@ -104,7 +104,7 @@ def write_synthetic(
 ) -> SyntheticIds:
     """A synthetic dataset (split ``train``, ``seed`` and ``source`` set): ``per_class``
     good phantoms per class plus deliberately bad rows: constant grey (``blank``: std 0),
-    black/white stripes (``saturated``: every pixel at 0 or 255), undecodable bytes
+    mostly white (``saturated``: 75% of pixels at 255, thin black stripes), undecodable bytes
     (``corrupt``) and phantoms of one class labelled as the next (``mislabelled``)."""
     rng = np.random.default_rng(seed)
     kinds = [("good", classes[i % len(classes)]) for i in range(per_class * len(classes))]
@@ -127,8 +127,8 @@ def write_synthetic(
         elif kind == "blank":
             image = np.full((1, size, size), 100, np.uint8)
         elif kind == "saturated":
-            image = np.zeros((1, size, size), np.uint8)
-            image[:, :, ::2] = 255
+            image = np.full((1, size, size), 255, np.uint8)
+            image[:, :, ::4] = 0  # 75% of pixels clipped at the maximum
         else:
             image = np.full((1, size, size), 100, np.uint8)
         record = Row(

@@ -71,7 +71,10 @@ def test_sanity_scores_of_bad_rows(tmp_path: Path) -> None:
     stripes = np.zeros((1, 8, 8), np.float32)
     stripes[..., ::2] = 1.0
     std, saturated, nan = sanity_scores(stripes)
-    assert (std, saturated, nan) == (pytest.approx(0.5), 1.0, 0.0)
+    assert (std, saturated, nan) == (pytest.approx(0.5), 0.5, 0.0)  # black pixels are not saturated
+    mri_like = np.zeros((1, 8, 8), np.float32)
+    mri_like[:, 2:6, 2:6] = 0.6  # black background, grey tissue
+    assert sanity_scores(mri_like)[1] == 0.0
     assert sanity_scores(np.full((1, 4, 4), np.nan, np.float32))[2] == 1.0
     assert decode_row(b"not a png") is None and decode_row(None) is None
     assert decode_png  # noqa: B018  (imported for the round trip below)

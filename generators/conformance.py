@@ -1,0 +1,305 @@
+"""Conformance check for contributed generators, and registration into the user registry.
+
+``check_conformance(card, weights)`` runs, in order, and stops at the first failure that
+makes the rest meaningless:
+
+  card        the YAML validates as a ModelCard, with weights declared
+  weights     the weights file exists
+  sha256      it hashes to the card's ``weights.sha256``
+  load        the registry can build the generator (safe loaders only; code needs allow_code)
+  generate    ``generate(n, seed=0)`` returns a GeneratedBatch
+  shape       images are ``(n, channels, H, W)`` as the card declares
+  dtype       images are float32 and finite
+  value_range every pixel lies within the card's ``value_range``
+  labels      one label per sample, each one of the card's labels (None if unconditional)
+  masks       masks ``(n, H, W)`` integer class indices exactly when the card has masks
+  conditioning each declared label can be requested and is honoured
+  deterministic the same seed gives the same images
+  seed_varies a different seed gives different images
+  batch_varies samples within a batch are not all identical (collapsed generator)
+
+``register(card, weights)`` copies the card and weights into a staging directory of the
+user registry, checks them there and moves them to ``<registry>/<id>/<version>/`` only if
+every check passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from generators.card import ModelCard, load_card, save_card
+from generators.contract import GeneratedBatch
+from generators.errors import GeneratorError, SynthmedError
+from generators.registry import Entry, list_entries, load_generator, user_registry_dir
+from generators.weights import verify_sha256
+
+log = logging.getLogger(__name__)
+TOLERANCE = 1e-5
+ATTRIBUTION = ("LICENSE", "README.md", "docs", "configs")  # copied along with card and weights
+
+
+@dataclass(frozen=True)
+class Check:
+    """One conformance check; ``passed`` None means it was not run."""
+
+    name: str
+    passed: bool | None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ConformanceReport:
+    ref: str
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
+    def check(self, name: str) -> Check:
+        for item in self.checks:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
+    def summary(self) -> str:
+        mark = {True: "ok  ", False: "FAIL", None: "skip"}
+        lines = [f"conformance of {self.ref}: {'passed' if self.passed else 'FAILED'}"]
+        lines += [f"  {mark[c.passed]} {c.name:14s} {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+class _Checks:
+    """Collects check results in order."""
+
+    def __init__(self) -> None:
+        self.items: list[Check] = []
+
+    def record(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.items.append(Check(name, bool(ok), detail))
+        return bool(ok)
+
+
+def stage(card_path: Path | str, weights: Path | str | None, dest: Path | str) -> Entry:
+    """Copy a card and its files into ``dest`` (weights to the card's ``weights.file``; a
+    config-built bundle's config; LICENSE, README.md, docs/ and configs/ when they sit next
+    to the card) and return the staged entry."""
+    card_path, dest = Path(card_path), Path(dest)
+    card = load_card(card_path)
+    if card.weights.file is None:
+        raise GeneratorError(f"{card.ref}: the card declares no weights.file; set it to the weights' file name")
+    source = Path(weights) if weights is not None else card_path.parent / card.weights.file
+    if not source.is_file():
+        raise GeneratorError(f"{source}: weights file not found; pass the path of the weights to register")
+    target = dest / card.weights.file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    config = card.network.get("config") if card.architecture == "monai_bundle" else None
+    if isinstance(config, str):
+        config_source = card_path.parent / config
+        if not config_source.is_file() or ".." in Path(config).parts:
+            raise GeneratorError(f"{config_source}: the card's network.config is missing; put it next to the card")
+        (dest / config).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(config_source, dest / config)
+    for name in ATTRIBUTION:  # licence and provenance travel with the model
+        source_item = card_path.parent / name
+        if source_item.is_dir() and not (dest / name).exists():
+            shutil.copytree(source_item, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source_item.is_file():
+            shutil.copyfile(source_item, dest / name)
+    save_card(card, dest / "card.yaml")
+    return Entry(card, dest / "card.yaml")
+
+
+def check_entry(entry: Entry, *, n: int = 4, device: str = "cpu", allow_code: bool = False) -> ConformanceReport:
+    """Run every check on a registry entry (card + weights next to it)."""
+    card = entry.card
+    checks = _Checks()
+    try:
+        _run_checks(entry, card, checks, n, device, allow_code)
+    except _Stop:
+        pass
+    names = [c.name for c in checks.items]
+    skipped = [Check(name, None, "not run") for name in ALL_CHECKS if name not in names]
+    return ConformanceReport(card.ref, (*checks.items, *skipped))
+
+
+ALL_CHECKS = (
+    "card",
+    "weights",
+    "sha256",
+    "load",
+    "generate",
+    "shape",
+    "dtype",
+    "value_range",
+    "labels",
+    "masks",
+    "conditioning",
+    "deterministic",
+    "seed_varies",
+    "batch_varies",
+)
+
+
+class _Stop(Exception):
+    """Internal: a failed check makes the remaining ones meaningless."""
+
+
+def _run_checks(entry: Entry, card: ModelCard, checks: _Checks, n: int, device: str, allow_code: bool) -> None:
+    def must(name: str, ok: bool, detail: str = "") -> None:
+        if not checks.record(name, ok, detail):
+            raise _Stop
+
+    must(
+        "card", card.available and card.architecture != "external", f"{card.architecture}, weights {card.weights.file}"
+    )
+    weights = entry.weights_path
+    must("weights", weights is not None and weights.is_file(), str(weights))
+    try:
+        verify_sha256(weights, card.weights.sha256)
+        must("sha256", True, (card.weights.sha256 or "")[:16] + "...")
+    except SynthmedError as exc:
+        must("sha256", False, str(exc))
+    started = time.perf_counter()
+    try:
+        generator = load_generator(entry, device, allow_code=allow_code)
+    except SynthmedError as exc:
+        must("load", False, str(exc))
+    except (RuntimeError, ValueError, TypeError) as exc:  # a network that does not build
+        must("load", False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    must("load", True, f"{type(generator).__name__} in {time.perf_counter() - started:.2f} s")
+    started = time.perf_counter()
+    try:
+        first = generator.generate(n, 0)
+    except SynthmedError as exc:
+        must("generate", False, str(exc))
+    except (RuntimeError, ValueError, TypeError) as exc:  # a broken network raises torch errors
+        must("generate", False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    seconds = time.perf_counter() - started
+    must("generate", isinstance(first, GeneratedBatch), f"{n} samples in {seconds:.2f} s")
+    images = np.asarray(first.images)
+    h, w = card.image_size
+    expected = (n, card.channels, h, w)
+    must("shape", images.shape == expected, f"expected {expected}, got {images.shape}")
+    finite = bool(np.isfinite(images).all())
+    must("dtype", images.dtype == np.float32 and finite, f"{images.dtype}, {'finite' if finite else 'NaN/inf present'}")
+    low, high = card.value_range
+    lo, hi = float(images.min()), float(images.max())
+    checks.record(
+        "value_range",
+        lo >= low - TOLERANCE and hi <= high + TOLERANCE,
+        f"declared [{low:g}, {high:g}], got [{lo:.4g}, {hi:.4g}]",
+    )
+    labels = list(card.conditioning.labels)
+    ok_labels = len(first.labels) == n and all((lab in labels) if labels else lab is None for lab in first.labels)
+    checks.record("labels", ok_labels, f"{first.labels[:4]}{'...' if n > 4 else ''}")
+    checks.record("masks", *_mask_check(card, first, n))
+    checks.record("conditioning", *_conditioning_check(generator, labels))
+    again = generator.generate(n, 0)
+    same = np.asarray(again.images).shape == images.shape and np.allclose(again.images, images, rtol=0, atol=1e-6)
+    checks.record("deterministic", same, "seed 0 twice: " + ("identical" if same else "outputs differ"))
+    other = np.asarray(generator.generate(n, 1).images)
+    diff = float(np.abs(other - images).max()) if other.shape == images.shape else float("inf")
+    checks.record("seed_varies", diff > 1e-4, f"max |seed 1 - seed 0| = {diff:.3g}")
+    if n >= 2:
+        spread = float(np.abs(images - images[:1]).max())
+        checks.record("batch_varies", spread > 1e-4, f"max difference from sample 0 = {spread:.3g}")
+    else:
+        checks.record("batch_varies", True, "n = 1: not checked")
+
+
+def _mask_check(card: ModelCard, batch: GeneratedBatch, n: int) -> tuple[bool, str]:
+    h, w = card.image_size
+    if not card.conditioning.masks:
+        return batch.masks is None, "no masks declared" + ("" if batch.masks is None else ", but masks returned")
+    if batch.masks is None:
+        return False, "card declares masks, generator returned none"
+    masks = np.asarray(batch.masks)
+    if masks.shape != (n, h, w) or not np.issubdtype(masks.dtype, np.integer):
+        return False, f"expected integer masks {(n, h, w)}, got {masks.dtype} {masks.shape}"
+    k = len(card.conditioning.mask_classes)
+    if k and (masks.min() < 0 or masks.max() >= k):
+        return False, f"mask values [{masks.min()}, {masks.max()}] outside the {k} declared classes"
+    return True, f"{masks.shape}, classes seen {sorted(np.unique(masks).tolist())[:8]}"
+
+
+def _conditioning_check(generator: object, labels: list[str]) -> tuple[bool, str]:
+    if not labels:
+        return True, "unconditional"
+    for label in labels[:8]:
+        try:
+            batch = generator.generate(1, 0, label)
+        except SynthmedError as exc:
+            return False, f"label '{label}': {exc}"
+        if list(batch.labels) != [label]:
+            return False, f"asked for '{label}', got {batch.labels}"
+    return True, f"{min(len(labels), 8)} of {len(labels)} labels honoured"
+
+
+def check_conformance(
+    card_path: Path | str,
+    weights: Path | str | None = None,
+    *,
+    n: int = 4,
+    device: str = "cpu",
+    allow_code: bool = False,
+) -> ConformanceReport:
+    """Check a card (+ weights, default: the card's ``weights.file`` next to it) without
+    registering it. Never raises for a broken model: the report says what failed."""
+    if n < 1:
+        raise GeneratorError(f"expected n >= 1 samples for the check, got {n}")
+    with tempfile.TemporaryDirectory(prefix="synthmed-conformance-") as tmp:
+        try:
+            entry = stage(card_path, weights, Path(tmp))
+        except SynthmedError as exc:
+            skipped = tuple(Check(name, None, "not run") for name in ALL_CHECKS[1:])
+            return ConformanceReport(str(card_path), (Check("card", False, str(exc)), *skipped))
+        return check_entry(entry, n=n, device=device, allow_code=allow_code)
+
+
+def register(
+    card_path: Path | str,
+    weights: Path | str | None = None,
+    registry: Path | str | None = None,
+    *,
+    n: int = 4,
+    device: str = "cpu",
+    allow_code: bool = False,
+) -> tuple[Entry, ConformanceReport]:
+    """Check, then copy card + weights into ``registry`` (default: the user registry) as
+    ``<registry>/<id>/<version>/``. Raises GeneratorError (with the report) on any failure
+    or when ``id@version`` is already registered."""
+    registry = Path(registry) if registry is not None else user_registry_dir()
+    card = load_card(card_path)
+    existing = [e for e in list_entries() if e.card.ref == card.ref]
+    destination = registry / card.id / card.version
+    if existing or destination.exists():
+        where = existing[0].path if existing else destination
+        raise GeneratorError(f"{card.ref} is already registered ({where}); bump the card's version to add a new one")
+    registry.mkdir(parents=True, exist_ok=True)
+    staging = registry / f".staging-{uuid.uuid4().hex[:12]}"
+    try:
+        entry = stage(card_path, weights, staging)
+        report = check_entry(entry, n=n, device=device, allow_code=allow_code)
+        if not report.passed:
+            failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures())
+            raise GeneratorError(f"{card.ref}: conformance check failed ({failed}); fix the model or its card")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("registered %s in %s", card.ref, destination)
+    return Entry(card, destination / "card.yaml"), report
