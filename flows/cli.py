@@ -31,6 +31,12 @@ def _config_path(value: str) -> Path:
     return Path(value).resolve()
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import AugmentParams, augment
 
@@ -127,7 +133,9 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     from tasks.stages import dvc_yaml
 
     cfg = load_pipeline(args.pipeline, args.config)
-    header = "# Rendered by `synthmed dvc-yaml --pipeline %s` from tasks/stages.py; do not edit by hand.\n" % args.pipeline
+    header = (
+        "# Rendered by `synthmed dvc-yaml --pipeline %s` from tasks/stages.py; do not edit by hand.\n" % args.pipeline
+    )
     print(header + yaml.safe_dump(dvc_yaml(args.pipeline, cfg, with_code=not args.no_code), sort_keys=False), end="")
     return 0
 
@@ -144,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
     run.add_argument("--no-dvc", action="store_true", help="do not record outputs with dvc commit")
     run.add_argument("--push", action="store_true", help="dvc push the outputs to the configured remote")
-    run.add_argument("--shard-workers", type=int, default=1, help="synthesis shards made in parallel (threads)")
+    run.add_argument(
+        "--shard-workers", type=_positive_int, default=1, help="synthesis shards made in parallel (threads)"
+    )
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve a scheduled deployment of the flow (needs PREFECT_API_URL)")
@@ -154,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timezone", default="UTC", help="IANA time zone of the schedule")
     serve.add_argument("--name", default=None, help="deployment name (default: <pipeline>-nightly)")
     serve.add_argument("--push", action="store_true", help="each run pushes its outputs to the DVC remote")
-    serve.add_argument("--shard-workers", type=int, default=1, help="synthesis shards made in parallel (threads)")
+    serve.add_argument(
+        "--shard-workers", type=_positive_int, default=1, help="synthesis shards made in parallel (threads)"
+    )
     serve.add_argument("--paused", action="store_true", help="register with the schedule paused")
-    serve.add_argument("--limit", type=int, default=None, help="at most this many runs at once on this machine")
+    serve.add_argument(
+        "--limit", type=_positive_int, default=None, help="at most this many runs at once on this machine"
+    )
     serve.set_defaults(func=cmd_serve)
 
     remote = sub.add_parser("remote", help="configure the DVC remote")

@@ -107,6 +107,12 @@ def publish_artifacts(pipeline: str, report: dict[str, Any], versions: dict[str,
         rows = [{"output": k, "md5": v} for k, v in sorted(versions.get("outputs", {}).items())]
         rows.append({"output": "git commit", "md5": versions.get("git_commit") or "(not in a git repo)"})
         create_table_artifact(key=f"{key}-versions", table=rows, description="DVC versions of this run's outputs")
+    if versions and versions.get("dvc_lock"):
+        create_markdown_artifact(
+            key=f"{key}-dvc-lock",
+            markdown=f"```yaml\n{versions['dvc_lock']}```",
+            description="this run's dvc.lock entries: save as dvc.lock in a checkout of the git commit, then dvc pull",
+        )
 
 
 @flow(name="synthmed-augment", log_prints=False)

@@ -60,7 +60,9 @@ def pipeline_stages(root: Path, pipeline: str) -> list[str]:
 
 
 def commit_outputs(root: Path, pipeline: str, push: bool = False) -> dict[str, Any]:
-    """Record the pipeline's outputs in DVC; returns {"outputs": {path: md5}, "git_commit": sha}."""
+    """Record the pipeline's outputs in DVC; returns ``{"outputs": {path: md5}, "git_commit":
+    sha, "dvc_lock": YAML}``: ``dvc_lock`` holds this pipeline's stages of ``dvc.lock``, so a
+    run that was never committed to git can still be restored (README: restoring data)."""
     root = Path(root)
     stages = pipeline_stages(root, pipeline)
     if not stages or not (root / ".dvc").is_dir():
@@ -77,7 +79,16 @@ def commit_outputs(root: Path, pipeline: str, push: bool = False) -> dict[str, A
         for name in ordered
         for out in lock.get("stages", {}).get(name, {}).get("outs", [])
     }
-    return {"outputs": outputs, "git_commit": _git_commit(root), "versioned": True, "pushed": push}
+    # this run's entries of dvc.lock: with the git commit, all `dvc pull` needs to restore them
+    stages_lock = {name: lock["stages"][name] for name in ordered if name in lock.get("stages", {})}
+    dvc_lock = yaml.safe_dump({"schema": lock.get("schema", "2.0"), "stages": stages_lock}, sort_keys=False)
+    return {
+        "outputs": outputs,
+        "git_commit": _git_commit(root),
+        "versioned": True,
+        "pushed": push,
+        "dvc_lock": dvc_lock,
+    }
 
 
 def _git_commit(root: Path) -> str | None:

@@ -9,8 +9,8 @@ id         string    unique within the dataset; rows are sorted by it
 subject    string    pseudonymised subject (or grouping unit) id
 split      string    ``train`` / ``val`` / ``test`` (synthetic rows: ``train``)
 label      string    class name, null when unlabelled
-image      binary    lossless PNG, ``channels`` x ``height`` x ``width``, ``dtype``
-mask       binary    lossless PNG (uint8 class indices) or null
+image      binary    lossless image bytes (:data:`IMAGE_ENCODING`), ``(channels, height, width)``
+mask       binary    lossless image bytes (uint8 class indices, one channel) or null
 height     int32
 width      int32
 channels   int16
@@ -20,6 +20,15 @@ seed       int64     per-shard seed of synthetic rows, null for real rows
 =========  ========  ==========================================================
 
 The quality stage appends float64 columns named ``q_<score>``.
+
+Image cells are self-describing, so one reader decodes every dataset ever written:
+``raw`` cells (the default, :data:`IMAGE_ENCODING`) are a 16-byte header (magic ``SMRW``,
+version, dtype code, channels, height, width; little-endian) followed by the C-order
+samples, and the Parquet file's zstd compresses them; ``png`` cells are PNG files
+(compression level :data:`PNG_COMPRESS_LEVEL`), as written by earlier versions. Raw +
+zstd was chosen by ``benchmarks/bench_synthesis.py``: on MNI152 slices and cGAN output
+at 64x64 it is as small as PNG or smaller and ~10x cheaper to encode and write. The
+manifest records the encoding the writer used (``image_encoding``).
 
 Writes are deterministic (same rows -> byte-identical shards, no timestamps anywhere)
 and atomic: shards are written to a staging directory next to the target and swapped
@@ -42,6 +51,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -79,21 +89,22 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 BASE_COLUMNS = tuple(BASE_SCHEMA.names)
-PNG_COMPRESS_LEVEL = 1  # chosen by benchmarks/bench_encoding.py: lossless either way
+PNG_COMPRESS_LEVEL = 1  # measured by benchmarks/bench_synthesis.py: level 6 is ~5% smaller, ~1.3x slower
+IMAGE_ENCODING = "raw"  # how Row.to_record encodes image and mask cells: "raw" or "png"
+RAW_MAGIC = b"SMRW"
+_RAW_HEADER = struct.Struct("<4sBBHII")  # magic, version, dtype code, channels, height, width
+_RAW_VERSION = 1
+_RAW_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2")}
+
+
+class ImageDecodeError(DataError, ValueError):
+    """An image cell that cannot be decoded (a ValueError too, like Pillow's errors)."""
 
 
 # --------------------------------------------------------------------------- images
 def encode_png(image: np.ndarray) -> bytes:
     """Encode a ``(C, H, W)`` uint8/uint16 array (C = 1 or 3) as lossless PNG bytes."""
-    if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise DataError(
-            f"expected an image of shape (C, H, W) with C in (1, 3), got {image.shape}; "
-            "convert to grey or RGB channel-first first"
-        )
-    if image.dtype not in (np.uint8, np.uint16):
-        raise DataError(f"expected uint8 or uint16 pixels, got {image.dtype}; quantise first")
-    if image.shape[0] == 3 and image.dtype != np.uint8:
-        raise DataError("expected 8-bit samples for RGB PNG, got uint16; use grey or 8-bit")
+    _check_image(image)
     array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(
@@ -102,8 +113,61 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to a ``(C, H, W)`` uint8 or uint16 array."""
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise DataError(
+            f"expected an image of shape (C, H, W) with C in (1, 3), got {image.shape}; "
+            "convert to grey or RGB channel-first first"
+        )
+    if image.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"expected uint8 or uint16 pixels, got {image.dtype}; quantise first")
+    if image.shape[0] == 3 and image.dtype != np.uint8:
+        raise DataError("expected 8-bit samples for RGB images, got uint16; use grey or 8-bit")
+
+
+def encode_raw(image: np.ndarray) -> bytes:
+    """Encode a ``(C, H, W)`` uint8/uint16 array as a ``raw`` cell: header + samples."""
+    _check_image(image)
+    code = 1 if image.dtype == np.uint8 else 2
+    channels, height, width = image.shape
+    header = _RAW_HEADER.pack(RAW_MAGIC, _RAW_VERSION, code, channels, height, width)
+    return header + np.ascontiguousarray(image, dtype=_RAW_DTYPES[code]).tobytes()
+
+
+def encode_image(image: np.ndarray, encoding: str | None = None) -> bytes:
+    """Encode a ``(C, H, W)`` uint8/uint16 array as ``encoding`` (``raw`` or ``png``;
+    default :data:`IMAGE_ENCODING`)."""
+    encoding = IMAGE_ENCODING if encoding is None else encoding
+    if encoding == "raw":
+        return encode_raw(image)
+    if encoding == "png":
+        return encode_png(image)
+    raise DataError(f"unknown image encoding {encoding!r}; expected 'raw' or 'png'")
+
+
+def _decode_raw(data: bytes) -> np.ndarray:
+    if len(data) < _RAW_HEADER.size:
+        raise ImageDecodeError(f"raw image cell of {len(data)} bytes is shorter than its header; the data is corrupt")
+    _, version, code, channels, height, width = _RAW_HEADER.unpack_from(data)
+    dtype = _RAW_DTYPES.get(code)
+    expected = _RAW_HEADER.size + channels * height * width * (dtype.itemsize if dtype else 0)
+    if version != _RAW_VERSION or dtype is None or len(data) != expected:
+        raise ImageDecodeError(
+            f"raw image cell (version {version}, dtype code {code}, {len(data)} bytes) does not match its "
+            f"header (expected version {_RAW_VERSION}, {expected} bytes); the data is corrupt or from a newer synthmed"
+        )
+    pixels = np.frombuffer(data, dtype=dtype, offset=_RAW_HEADER.size).reshape(channels, height, width)
+    return pixels.astype(dtype.newbyteorder("="))  # a writable native-order copy
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode an image cell (``raw`` or PNG) to a ``(C, H, W)`` uint8 or uint16 array.
+
+    Raises :class:`ImageDecodeError` for a corrupt raw cell, and Pillow's ``OSError``
+    (``UnidentifiedImageError``) / ``ValueError`` / ``SyntaxError`` for bytes that are
+    neither a raw cell nor a readable PNG."""
+    if data[:4] == RAW_MAGIC:
+        return _decode_raw(data)
     with Image.open(io.BytesIO(data)) as img:
         array = np.asarray(img)
     if array.dtype == np.int32 or array.dtype == np.uint32:  # PIL mode "I" for 16-bit
@@ -111,6 +175,9 @@ def decode_png(data: bytes) -> np.ndarray:
     if array.ndim == 2:
         return array[None]
     return np.moveaxis(array, -1, 0)
+
+
+decode_png = decode_image  # the name earlier versions used; it decodes both encodings
 
 
 def to_unit_float(image: np.ndarray) -> np.ndarray:
@@ -140,13 +207,14 @@ class Row:
     seed: int | None = None
 
     def to_record(self) -> dict[str, Any]:
-        mask = None if self.mask is None else encode_png(self.mask.astype(np.uint8)[None])
+        """The row as a record; image and mask encoded as :data:`IMAGE_ENCODING`."""
+        mask = None if self.mask is None else encode_image(self.mask.astype(np.uint8)[None])
         return {
             "id": self.id,
             "subject": self.subject,
             "split": self.split,
             "label": self.label,
-            "image": encode_png(self.image),
+            "image": encode_image(self.image),
             "mask": mask,
             "height": int(self.image.shape[1]),
             "width": int(self.image.shape[2]),
@@ -297,6 +365,11 @@ class DatasetWriter:
         if self._resumable:
             log.info("%s: %d completed shard(s) found to resume from", self.target.name, len(self._resumable))
 
+    def is_resumable(self, index: int) -> bool:
+        """Whether shard ``index`` is kept, verified, from an interrupted run; only a peek:
+        :meth:`resume_shard` takes it over when its turn comes."""
+        return self._shard_name(index) in self._resumable
+
     def resume_shard(self) -> bool:
         """True when the next shard already exists, complete and verified, from an
         interrupted run with the same ``resume_key``; it is then counted in as if
@@ -358,6 +431,7 @@ class DatasetWriter:
             "columns": list(self.schema.names),
             "class_counts": {s: dict(sorted(c.items())) for s, c in sorted(self._counts.items())},
             "provenance": self.provenance,
+            "image_encoding": IMAGE_ENCODING,
         }
         if self.resume_key is not None:
             for name in sorted(self._resumable):  # beyond this run's shards: not ours to keep
@@ -479,7 +553,7 @@ class ImageArrays:
 def decode_table(table: pa.Table) -> ImageArrays:
     """Decode the ``image`` (and ``mask`` where every row has one) columns of a table."""
     blobs = table.column("image").to_pylist()
-    images = [to_unit_float(decode_png(b)) for b in blobs]
+    images = [to_unit_float(decode_image(b)) for b in blobs]
     stacked = (
         np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 1), np.float32)
     )
@@ -487,7 +561,7 @@ def decode_table(table: pa.Table) -> ImageArrays:
     if "mask" in table.column_names:
         mask_blobs = table.column("mask").to_pylist()
         if mask_blobs and all(m is not None for m in mask_blobs):
-            masks = np.stack([decode_png(m)[0] for m in mask_blobs]).astype(np.int64)
+            masks = np.stack([decode_image(m)[0] for m in mask_blobs]).astype(np.int64)
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(blobs)
     ids = table.column("id").to_pylist() if "id" in table.column_names else [str(i) for i in range(len(blobs))]
     return ImageArrays(images=stacked, masks=masks, labels=labels, ids=ids)

@@ -183,9 +183,86 @@ class LabelFilter(Strict):
     epochs: int = Field(15, ge=1)
 
 
+class NearestNeighbourFilter(Strict):
+    """A distance threshold on nearest-neighbour distances, in ``space`` ``pixel`` (RMSE of
+    [0, 1] pixels) or ``feature`` (Euclidean, in the features of ``quality.metrics.extractor``).
+    ``max_distance`` sets it directly; when null it is calibrated on the real train split:
+    ``calibration_scale`` x the ``calibration_quantile`` of the distances from each real image
+    to its nearest real image of another subject."""
+
+    enabled: bool = True
+    space: Literal["pixel", "feature"] = "pixel"
+    max_distance: float | None = Field(None, ge=0)
+    calibration_quantile: float = Field(0.05, ge=0, le=1)
+    calibration_scale: float = Field(0.5, gt=0)
+
+
+class MemorisationFilter(NearestNeighbourFilter):
+    """Drop synthetic images closer than the threshold to a real TRAIN image (near-copies)."""
+
+
+class DuplicateFilter(NearestNeighbourFilter):
+    """Among synthetic images closer than the threshold to each other, keep only the first by id."""
+
+
+class SetMetricsSpec(Strict):
+    """FID, KID, precision/recall, density/coverage (synthetic vs real train, per class and
+    overall) and MS-SSIM diversity. ``extractor``: ``auto`` = ``classifier`` (the
+    label-consistency classifier's penultimate layer) when the real train split has >= 2
+    labelled classes, else ``random`` (a fixed random-init network, a last resort);
+    ``inception`` = the standard FID Inception-V3, whose weights file must be given by
+    ``inception_weights`` or ``$SYNTHMED_INCEPTION_WEIGHTS`` (never downloaded).
+    ``normalisation``: ``auto`` = the extractor's own (classifier: unit, inception:
+    symmetric, random: zscore)."""
+
+    enabled: bool = True
+    extractor: Literal["auto", "classifier", "inception", "random"] = "auto"
+    inception_weights: str | None = None
+    normalisation: Literal["auto", "unit", "symmetric", "imagenet", "zscore"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    nearest_k: int = Field(3, ge=1)
+    ms_ssim_pairs: int = Field(200, ge=1)
+    ms_ssim_kernel_size: int = Field(11, ge=3)
+
+    @field_validator("ms_ssim_kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"expected an odd kernel size, got {value}")
+        return value
+
+
+class QualityGate(Strict):
+    """Bounds on the kept set (overall, vs real train); crossing one fails the stage with
+    QualityGateError after its outputs are written. Null = no bound."""
+
+    max_fid: float | None = Field(None, ge=0)
+    max_kid: float | None = None
+    min_precision: float | None = Field(None, ge=0, le=1)
+    min_recall: float | None = Field(None, ge=0, le=1)
+    max_memorised_fraction: float | None = Field(None, ge=0, le=1)
+    min_kept_fraction: float | None = Field(None, ge=0, le=1)
+
+
 class QualitySpec(Strict):
     sanity: SanityFilter = SanityFilter()
     label_consistency: LabelFilter = LabelFilter()
+    memorisation: MemorisationFilter = MemorisationFilter()
+    duplicates: DuplicateFilter = DuplicateFilter()
+    metrics: SetMetricsSpec = SetMetricsSpec()
+    gate: QualityGate = QualityGate()
+
+    @model_validator(mode="after")
+    def _gate_has_its_inputs(self) -> "QualitySpec":
+        set_bounds = ("max_fid", "max_kid", "min_precision", "min_recall")
+        used = [name for name in set_bounds if getattr(self.gate, name) is not None]
+        if used and not self.metrics.enabled:
+            raise ValueError(f"gate.{used[0]} needs metrics.enabled: true")
+        if self.gate.max_memorised_fraction is not None and not self.memorisation.enabled:
+            raise ValueError("gate.max_memorised_fraction needs memorisation.enabled: true")
+        return self
 
 
 class AugmentSpec(Strict):
@@ -199,7 +276,13 @@ class AugmentSpec(Strict):
 
 class RetrainSpec(Strict):
     """Downstream model trained on real-only and real+synthetic with the same budget
-    (optimizer steps) and seeds, evaluated on the real test split."""
+    (optimizer steps) and seeds, evaluated on the real test split.
+
+    Optional sweeps (empty = off): ``ratios`` (synthetic:real ratios, each compared with
+    real only) and ``real_fractions`` (a stratified fraction of the real train split,
+    real only vs real + ``synthetic_ratio`` synthetic). They train with ``sweep_seeds`` and
+    ``sweep_steps`` (default: ``seeds`` and ``steps``); a run whose data, seed and steps
+    coincide with another (e.g. ratio 0 = real only) is trained once and reused."""
 
     task: Literal["classification", "segmentation"] = "classification"
     network: Literal["densenet", "resnet", "unet"] = "densenet"
@@ -209,6 +292,10 @@ class RetrainSpec(Strict):
     seeds: tuple[int, ...] = (0, 1, 2)
     synthetic_ratio: float = Field(1.0, ge=0)
     augment: AugmentSpec = AugmentSpec()
+    ratios: tuple[Annotated[float, Field(ge=0)], ...] = ()
+    real_fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = ()
+    sweep_seeds: tuple[int, ...] | None = None
+    sweep_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _network_fits_task(self) -> "RetrainSpec":
@@ -220,6 +307,12 @@ class RetrainSpec(Strict):
             )
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        for key in ("seeds", "ratios", "real_fractions", "sweep_seeds"):
+            values = getattr(self, key) or ()
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} must not repeat a value, got {list(values)}")
+        if self.sweep_seeds is not None and not self.sweep_seeds:
+            raise ValueError("sweep_seeds must list at least one seed (or be left out to use seeds)")
         return self
 
 

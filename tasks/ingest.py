@@ -404,7 +404,7 @@ def _folder_inputs(
                 inner = path.relative_to(class_dir).as_posix()
                 match = pattern.search(inner)
                 group = 1 if pattern.groups else 0
-                if match is None or not match.group(group):
+                if match is None or not match.group(group).strip():
                     rejects.append(
                         {
                             "file": rel,
@@ -424,7 +424,7 @@ def _folder_inputs(
                     path=path,
                     label=class_dir.name,
                     subject=subject,
-                    stem_subject=pseudonymise(_stem(path.name)),
+                    stem_subject=pseudonymise(_stem(path.name).strip() or path.name),
                     key=rel,
                 )
             )

@@ -11,6 +11,11 @@ Resume: a run that is killed or fails keeps its completed shards in
 generator weights, plan, dtype, device, threads, torch and code) keeps the shards whose
 sha256 matches and makes only the rest, so the result is byte-identical to an
 uninterrupted run. Any change of those inputs gives a new key and a fresh start.
+
+Throughput: the stage's own loop (no ``map_shards``) generates on the calling thread and
+hands each batch to one I/O thread that quantises, encodes and writes, in order, at most
+:data:`IO_QUEUE_DEPTH` jobs behind; so encoding and writing overlap with generation and
+the bytes are the same as made one after another (``benchmarks/bench_synthesis.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -26,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pyarrow as pa
 import torch
 
-from generators.contract import Generator
+from generators.contract import GeneratedBatch, Generator
 from generators.errors import ConfigError, DataError
 from generators.registry import load_generator
 from generators.shards import (
@@ -42,6 +49,8 @@ from tasks.paths import PipelinePaths
 from tasks.runtime import setup_torch
 
 log = logging.getLogger(__name__)
+
+IO_QUEUE_DEPTH = 4  # encode/write jobs the generating thread may run ahead (bounds memory)
 
 
 @dataclass(frozen=True)
@@ -89,28 +98,111 @@ def plan_shards(counts: dict[str, int], shard_rows: int, seed: int) -> list[Shar
     return plans
 
 
-def generate_shard(generator: Generator, plan: ShardPlan, batch_size: int, dtype: str) -> pa.Table:
-    """Generate one shard's images (batched) and encode them as dataset rows."""
-    records: list[dict[str, Any]] = []
+@dataclass(frozen=True)
+class ShardBatch:
+    """One generated batch of a shard: its row ids, labels and the generator's output."""
+
+    ids: tuple[str, ...]
+    labels: list[str]
+    batch: GeneratedBatch
+
+
+def generate_batches(generator: Generator, plan: ShardPlan, batch_size: int) -> Iterator[ShardBatch]:
+    """Generate one shard's images, ``batch_size`` at a time; batch ``b`` uses seed
+    ``plan.seed * 1_009 + b``."""
     for b, start in enumerate(range(0, len(plan.ids), batch_size)):
         ids = plan.ids[start : start + batch_size]
         labels = list(plan.labels[start : start + batch_size])
-        batch = generator.generate(len(ids), seed=plan.seed * 1_009 + b, condition=labels)
-        for i, row_id in enumerate(ids):
-            mask = None if batch.masks is None else batch.masks[i].astype("uint8")
-            records.append(
-                Row(
-                    id=row_id,
-                    subject="synthetic",
-                    split="train",
-                    label=labels[i],
-                    image=from_unit_float(batch.images[i], dtype),
-                    source=generator.card.ref,
-                    mask=mask,
-                    seed=plan.seed,
-                ).to_record()
-            )
+        with torch.inference_mode():
+            batch = generator.generate(len(ids), seed=plan.seed * 1_009 + b, condition=labels)
+        yield ShardBatch(ids=ids, labels=labels, batch=batch)
+
+
+def encode_batch(item: ShardBatch, source: str, seed: int, dtype: str) -> list[dict[str, Any]]:
+    """Quantise a generated batch (float32 in [0, 1]) to ``dtype`` and encode its rows."""
+    images = from_unit_float(item.batch.images, dtype)
+    masks = None if item.batch.masks is None else item.batch.masks.astype("uint8")
+    return [
+        Row(
+            id=row_id,
+            subject="synthetic",
+            split="train",
+            label=item.labels[i],
+            image=images[i],
+            source=source,
+            mask=None if masks is None else masks[i],
+            seed=seed,
+        ).to_record()
+        for i, row_id in enumerate(item.ids)
+    ]
+
+
+def generate_shard(generator: Generator, plan: ShardPlan, batch_size: int, dtype: str) -> pa.Table:
+    """Generate one shard's images (batched) and encode them as dataset rows."""
+    records: list[dict[str, Any]] = []
+    for item in generate_batches(generator, plan, batch_size):
+        records.extend(encode_batch(item, generator.card.ref, plan.seed, dtype))
     return records_to_table(records)
+
+
+class OrderedWorker:
+    """One background thread running jobs in submission order, at most ``depth`` pending:
+    ``submit`` blocks while ``depth`` jobs wait. A job's error is raised in the submitting
+    thread at its next ``submit``/``drain``; on leaving the ``with`` block after an error,
+    jobs not started are cancelled and the running one is waited for."""
+
+    def __init__(self, depth: int = IO_QUEUE_DEPTH) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthmed-io")
+        self._futures: deque[Future[Any]] = deque()
+        self._depth = max(1, depth)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._futures) >= self._depth:
+            self._futures.popleft().result()
+        self._futures.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self._futures:
+            self._futures.popleft().result()
+
+    def __enter__(self) -> "OrderedWorker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take_resumed(writer: DatasetWriter, index: int) -> None:
+    if not writer.resume_shard():
+        raise DataError(f"internal: shard {index} was resumable but the writer did not take it; rerun the stage")
+
+
+def write_overlapped(
+    writer: DatasetWriter, generator: Generator, plans: Sequence[ShardPlan], batch_size: int, dtype: str
+) -> None:
+    """Generate every shard on this thread; encode and write on an :class:`OrderedWorker`.
+    Shards kept from an interrupted run are taken over, not made."""
+    with OrderedWorker() as io:
+        for plan in plans:
+            if writer.is_resumable(plan.index):
+                io.submit(_take_resumed, writer, plan.index)
+                continue
+            records: list[dict[str, Any]] = []
+            for item in generate_batches(generator, plan, batch_size):
+                io.submit(_extend_encoded, records, item, generator.card.ref, plan.seed, dtype)
+            io.submit(_write_records, writer, records)
+
+
+def _extend_encoded(records: list[dict[str, Any]], item: ShardBatch, source: str, seed: int, dtype: str) -> None:
+    records.extend(encode_batch(item, source, seed, dtype))
+
+
+def _write_records(writer: DatasetWriter, records: list[dict[str, Any]]) -> None:
+    writer.write_table(records_to_table(records))
 
 
 def iter_shards(generator: Generator, plans: list[ShardPlan], batch_size: int, dtype: str) -> Iterator[pa.Table]:
@@ -200,17 +292,18 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
     writer = DatasetWriter(
         paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance, resume_key=key
     )
+    started = time.perf_counter()
     with writer:
         if map_shards is None:
-            for plan in plans:
-                if writer.resume_shard():
-                    continue
-                writer.write_table(generate_shard(generator, plan, cfg.synthesis.batch_size, dtype))
+            write_overlapped(writer, generator, plans, cfg.synthesis.batch_size, dtype)
         else:
             make = partial(generate_shard, generator, batch_size=cfg.synthesis.batch_size, dtype=dtype)
             _write_mapped(writer, plans, make, map_shards)
     if writer.resumed:
         log.info("resumed: %d of %d shards kept from an interrupted run", writer.resumed, len(plans))
+    made = sum(len(p.ids) for p in plans[writer.resumed :])
+    elapsed_s = time.perf_counter() - started
+    log.info("made %d images in %.1f s (%.1f images/s)", made, elapsed_s, made / max(elapsed_s, 1e-9))
     return {
         "generator": generator.card.ref,
         "counts": counts,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from generators.errors import ConfigError, DataError
-from generators.shards import decode_png, read_manifest, read_table
+from generators.shards import decode_image, read_manifest, read_table
 from tasks.config import PipelineConfig, load_pipelines
 from tasks.ingest import ingest
 from tasks.paths import PipelinePaths
@@ -57,6 +57,8 @@ def build_messy_folder(tmp_path: Path) -> tuple[Path, set[str]]:
     grey = grey8("disc", 99)
     save_png(raw / "disc" / "grey_as_rgb.png", np.stack([grey] * 3, axis=-1))  # grey stored as RGB: fine
     good.add("disc/grey_as_rgb.png")
+    save_png(raw / "disc" / " .png", grey8("disc", 98))  # a blank stem is still a usable name
+    good.add("disc/ .png")
 
     colour = np.zeros((16, 16, 3), np.uint8)
     colour[..., 0], colour[..., 2] = 200, 30  # a red picture where grey is expected
@@ -130,7 +132,7 @@ def test_sixteen_bit_and_grey_rgb_inputs_become_full_range_grey(tmp_path: Path) 
     save_png(raw / "disc" / "rgb.png", np.stack([grey] * 3, axis=-1))
     paths = PipelinePaths(tmp_path, "t")
     ingest(cfg_for({"kind": "folder", "path": "raw"}), paths)
-    images = {r["source"]: decode_png(r["image"]) for r in read_table(paths.real).to_pylist()}
+    images = {r["source"]: decode_image(r["image"]) for r in read_table(paths.real).to_pylist()}
     assert images["square/s.png"].shape == (1, 16, 16) and images["square/s.png"].dtype == np.uint8
     assert images["square/s.png"].max() == 255 and images["square/s.png"].min() == 0  # windowed, not clipped
     assert np.array_equal(images["disc/rgb.png"][0], grey)  # lossless: R = G = B

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generators.shards import decode_png, read_table
+from generators.shards import decode_image, read_table
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
 from tasks.pseudonym import KEY_ENV
@@ -99,7 +99,7 @@ def test_dicom_ingest_keeps_pixels_and_drops_every_identifier(
     )
     by_source = {r["source"]: r for r in rows}
     first = f"disc/{keyed('PAT-12345')}/img0.dcm"
-    assert np.array_equal(decode_png(by_source[first]["image"])[0], exact)  # pixel data kept, lossless
+    assert np.array_equal(decode_image(by_source[first]["image"])[0], exact)  # pixel data kept, lossless
     assert f"disc/{keyed('PAT-2')}/scan_{keyed('PAT-2')}.dcm" in by_source  # ids in paths redacted
     assert sorted(s for s in by_source if s.startswith("square/sub-") and "cine" in s) == [
         f"square/{keyed('PAT-4')}/cine#slice={k:03d}" for k in range(3)

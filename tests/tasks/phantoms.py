@@ -148,3 +148,83 @@ def write_synthetic(
         ids.label[row_id] = label
     write_dataset(target, records, shard_rows=shard_rows)
     return ids
+
+
+@dataclass
+class PlantedIds:
+    """Ids of each kind of row written by :func:`write_synthetic_with_copies`."""
+
+    good: list[str] = field(default_factory=list)
+    exact_copy: list[str] = field(default_factory=list)
+    noisy_copy: list[str] = field(default_factory=list)
+    duplicate_group: list[str] = field(default_factory=list)  # one phantom and its near-copies
+    label: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def memorised(self) -> set[str]:
+        return set(self.exact_copy) | set(self.noisy_copy)
+
+
+def write_synthetic_with_copies(
+    target: Path,
+    real: Path,
+    *,
+    per_class: int = 6,
+    exact: int = 2,
+    noisy: int = 2,
+    noise_std: float = 0.01,
+    group_size: int = 3,
+    size: int = 32,
+    seed: int = 11,
+    classes: tuple[str, ...] = CLASSES,
+) -> PlantedIds:
+    """A synthetic dataset of fresh phantoms (``per_class`` per class) with planted rows:
+    ``exact`` byte-identical copies and ``noisy`` lightly noised copies (Gaussian,
+    ``noise_std`` on the [0, 1] scale) of distinct REAL TRAIN images, and a group of
+    ``group_size`` near-identical synthetic images (one phantom, an exact copy of it, the
+    rest lightly noised). Rows are shuffled and ids follow the shuffled order."""
+    from generators.shards import decode_png, read_table
+
+    rng = np.random.default_rng(seed)
+    train = read_table(real, splits=["train"])
+    real_images = [decode_png(blob) for blob in train.column("image").to_pylist()]
+    real_labels = train.column("label").to_pylist()
+    picks = rng.choice(len(real_images), size=exact + noisy, replace=False)
+
+    def noised(image: np.ndarray) -> np.ndarray:
+        pixels = image.astype(np.float64) / 255 + rng.normal(0, noise_std, image.shape)
+        return np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+
+    items: list[tuple[str, str, np.ndarray]] = []
+    for i in range(per_class * len(classes)):
+        label = classes[i % len(classes)]
+        items.append(("good", label, draw_phantom(label, rng, size)[0]))
+    for n, k in enumerate(picks):
+        kind = "exact_copy" if n < exact else "noisy_copy"
+        image = real_images[k] if kind == "exact_copy" else noised(real_images[k])
+        items.append((kind, real_labels[k], image))
+    base_label = classes[0]
+    base = draw_phantom(base_label, rng, size)[0]
+    for n in range(group_size):
+        items.append(("duplicate_group", base_label, base if n < 2 else noised(base)))
+    order = rng.permutation(len(items))
+    ids = PlantedIds()
+    records = []
+    for position, k in enumerate(order):
+        kind, label, image = items[k]
+        row_id = f"syn-{position:04d}"
+        records.append(
+            Row(
+                id=row_id,
+                subject=f"synthetic-{position:04d}",
+                split="train",
+                label=label,
+                image=image,
+                source=SOURCE,
+                seed=seed,
+            ).to_record()
+        )
+        getattr(ids, kind).append(row_id)
+        ids.label[row_id] = label
+    write_dataset(target, records, shard_rows=8)
+    return ids

@@ -1,0 +1,1 @@
+"""Benchmarks of synthmed; see benchmarks/README.md. Run all: ``python -m benchmarks``."""
