@@ -14,8 +14,8 @@ KID values are compared with one subset of all rows (the unbiased MMD is invaria
 the order of rows, so both implementations must agree exactly), and timed with the usual
 random subsets (their subsets differ: numpy vs torch random numbers).
 
-    python -m benchmarks.bench_metrics                       # N = 5,000, D = 2,048
-    python -m benchmarks.bench_metrics --n 20000 --kid-subsets 100
+    python -m benchmarks.bench_metrics                       # N = 3,000, D = 1,024, 20 KID subsets
+    python -m benchmarks.bench_metrics --n 5000 --dim 2048 --kid-subsets 50   # Inception-sized
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ REL_TOLERANCE = 1e-6
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=5000, help="features per set in the scale run")
-    parser.add_argument("--dim", type=int, default=2048, help="feature dimension in the scale run")
-    parser.add_argument("--kid-subsets", type=int, default=50)
+    parser.add_argument("--n", type=int, default=3000, help="features per set in the scale run")
+    parser.add_argument("--dim", type=int, default=1024, help="feature dimension in the scale run")
+    parser.add_argument("--kid-subsets", type=int, default=20)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     return parser.parse_args(argv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,8 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def tiny_work(x: int) -> int:
-    return sum(range(x % 7 + 100))
+@dataclass(frozen=True)
+class TinyItem:
+    """A stand-in for a ShardPlan (the shard task names its runs by ``plan.index``)."""
+
+    index: int
+
+
+def tiny_work(item: TinyItem) -> int:
+    return sum(range(item.index % 7 + 100))
 
 
 def run_flow(work: Callable[[Any], Any], items: Sequence[Any], workers: int = 1) -> list[Any]:
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         counts = {"inferior": args.tasks * args.shard_images}
         plans = plan_shards(counts, args.shard_images, seed=1)[: args.tasks]
         realistic = partial(generate_shard, generator, batch_size=args.shard_images, dtype="uint8")
-        tiny_items = list(range(args.tasks))
+        tiny_items = [TinyItem(i) for i in range(args.tasks)]
 
         with Timer() as t_start:
             harness = prefect_test_harness(server_startup_timeout=120)

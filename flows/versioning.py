@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shlex
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -56,7 +57,18 @@ def pipeline_stages(root: Path, pipeline: str) -> list[str]:
     if not dvc_yaml.is_file():
         return []
     stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {})
-    return [name for name, spec in stages.items() if f"--pipeline {pipeline}" in str(spec.get("cmd", ""))]
+    return [name for name, spec in stages.items() if _cmd_pipeline(str(spec.get("cmd", ""))) == pipeline]
+
+
+def _cmd_pipeline(cmd: str) -> str | None:
+    """The value of ``--pipeline`` in a stage command (whole word: ``tiny`` is not ``tiny2``)."""
+    words = shlex.split(cmd)
+    for i, word in enumerate(words):
+        if word == "--pipeline" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--pipeline="):
+            return word.partition("=")[2]
+    return None
 
 
 def commit_outputs(root: Path, pipeline: str, push: bool = False) -> dict[str, Any]:

@@ -211,7 +211,8 @@ class SetMetricsSpec(Strict):
     label-consistency classifier's penultimate layer) when the real train split has >= 2
     labelled classes, else ``random`` (a fixed random-init network, a last resort);
     ``inception`` = the standard FID Inception-V3, whose weights file must be given by
-    ``inception_weights`` or ``$SYNTHMED_INCEPTION_WEIGHTS`` (never downloaded).
+    ``inception_weights`` (a path, relative to the project root) or
+    ``$SYNTHMED_INCEPTION_WEIGHTS`` (never downloaded).
     ``normalisation``: ``auto`` = the extractor's own (classifier: unit, inception:
     symmetric, random: zscore)."""
 
@@ -230,7 +231,7 @@ class SetMetricsSpec(Strict):
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
         if value % 2 == 0:
-            raise ValueError(f"expected an odd kernel size, got {value}")
+            raise ValueError("expected an odd kernel size, e.g. 7 or 11")
         return value
 
 
@@ -247,6 +248,9 @@ class QualityGate(Strict):
 
 
 class QualitySpec(Strict):
+    """The filter stage: per-sample filters in this order (sanity, label consistency,
+    memorisation, near-duplicates), set metrics, and the gate; see ``tasks/filter.py``."""
+
     sanity: SanityFilter = SanityFilter()
     label_consistency: LabelFilter = LabelFilter()
     memorisation: MemorisationFilter = MemorisationFilter()
@@ -259,9 +263,11 @@ class QualitySpec(Strict):
         set_bounds = ("max_fid", "max_kid", "min_precision", "min_recall")
         used = [name for name in set_bounds if getattr(self.gate, name) is not None]
         if used and not self.metrics.enabled:
-            raise ValueError(f"gate.{used[0]} needs metrics.enabled: true")
+            raise ValueError(f"gate.{used[0]} needs metrics.enabled: true; enable the metrics or remove the bound")
         if self.gate.max_memorised_fraction is not None and not self.memorisation.enabled:
-            raise ValueError("gate.max_memorised_fraction needs memorisation.enabled: true")
+            raise ValueError(
+                "gate.max_memorised_fraction needs memorisation.enabled: true; enable that filter or remove the bound"
+            )
         return self
 
 

@@ -19,18 +19,19 @@ score (undecodable image) is dropped by it:
   image still in the running (NaN when there is none); of images closer than the
   threshold to each other, only the first by id is kept.
 
-Thresholds of the last two: ``max_distance``, or calibrated on the real train split
-(``calibration_scale`` x the ``calibration_quantile`` of each real image's distance to the
-nearest real image of another subject; of any other image when there is one subject).
+Thresholds of the last two (:mod:`tasks.nn_filters`): ``max_distance``, or calibrated on
+the real train split (``calibration_scale`` x the ``calibration_quantile`` of each real
+image's distance to the nearest real image of another subject; of any other image when
+there is one subject).
 
 Set metrics (``quality.metrics``): FID, KID, precision/recall, density/coverage of the
 kept synthetic set, all generated (decodable) images and the real val split, each
 against the real train split, per class and overall, plus MS-SSIM diversity within the
-kept set and, for reference, within real train; see :mod:`tasks.quality_metrics`. Features
-come from :mod:`tasks.features`; real-image features and the classifier are cached under
-``paths.state`` per real dataset version. ``quality.gate`` bounds are checked last: a
-crossed bound raises QualityGateError AFTER the filtered shards and quality.json are
-written, so both stay for inspection.
+kept set and, for reference, within real train (:mod:`tasks.quality_sets`,
+:mod:`tasks.quality_metrics`). Features come from :mod:`tasks.features`; real-image
+features and the classifier are cached under ``paths.state`` per real dataset version.
+``quality.gate`` bounds are checked last: a crossed bound raises QualityGateError AFTER
+the filtered shards and quality.json are written, so both stay for inspection.
 
 Writes the kept rows to ``paths.filtered`` (base columns + the float64 ``q_*`` columns of
 every enabled filter) and ``paths.metrics / "quality.json"``. Memory: the real train (and
@@ -84,8 +85,8 @@ from generators.shards import (
     to_unit_float,
     write_json_atomic,
 )
-from tasks import downstream, features, quality_metrics
-from tasks.config import AugmentSpec, NearestNeighbourFilter, PipelineConfig, QualityGate
+from tasks import downstream, features, nn_filters, quality_sets
+from tasks.config import AugmentSpec, PipelineConfig
 from tasks.paths import PipelinePaths
 from tasks.runtime import setup_torch
 
@@ -103,16 +104,6 @@ LABEL_BATCH_SIZE = 32
 LABEL_LR = 1e-3
 #: warn when more than this fraction of real train images would fail the sanity filter
 REAL_DROP_WARNING = 0.05
-GATE_FIXES = {
-    "max_fid": "improve the generator (train longer, pick another) or relax quality.gate.max_fid",
-    "max_kid": "improve the generator (train longer, pick another) or relax quality.gate.max_kid",
-    "min_precision": "the generator makes images unlike real ones: train it longer or relax quality.gate.min_precision",
-    "min_recall": "the synthetic set misses part of the real data: synthesize more, train longer, or relax quality.gate.min_recall",
-    "max_memorised_fraction": "the generator copies training images: train on more data or fewer epochs, "
-    "or relax quality.gate.max_memorised_fraction",
-    "min_kept_fraction": "the filters drop most images: check their thresholds or the generator, "
-    "or relax quality.gate.min_kept_fraction",
-}
 
 
 def quality_schema(sanity: bool, label: bool, memorisation: bool = False, duplicates: bool = False) -> pa.Schema:
@@ -341,6 +332,34 @@ def _build_extractor(
     return extractor, normalisation
 
 
+def _real_features(
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    extractor: features.Extractor,
+    normalisation: str,
+    split: str,
+    arrays: downstream.LabelledArrays,
+    device: str,
+) -> np.ndarray:
+    """Features of a real split, from the cache under ``paths.state`` when this real dataset
+    version was seen with this extractor and normalisation before."""
+    feats, _ = features.FeatureCache(paths.state / "features").features(
+        dataset_digest=dataset_digest(paths.real),
+        split=split,
+        extractor=extractor,
+        normalisation=normalisation,
+        ids=arrays.ids,
+        compute=lambda: features.extract_features(
+            extractor,
+            arrays.images,
+            normalisation=normalisation,
+            batch_size=cfg.quality.metrics.batch_size,
+            device=device,
+        ),
+    )
+    return feats
+
+
 # --------------------------------------------------------------------------- scoring
 @dataclass
 class SyntheticScores:
@@ -429,278 +448,61 @@ def _score_synthetic(
     return scores
 
 
-def _space_vectors(space: str, images: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
-    """Rows whose Euclidean distance is the filter's distance: pixel -> flattened images
-    divided by sqrt(C*H*W) (distance = RMSE of [0, 1] pixels); feature -> the features."""
-    if space == "feature":
-        return np.asarray(feats, dtype=np.float64)
-    flat = images.reshape(images.shape[0], int(np.prod(images.shape[1:]))).astype(np.float64)
-    return flat / math.sqrt(max(flat.shape[1], 1))
-
-
-def _subject_groups(paths: PipelinePaths, ids: list[str]) -> tuple[np.ndarray, str]:
-    """int64 group per real train row for the calibration reference (subject, or the row
-    itself when the split has a single subject) and the reference's name."""
+def _real_subjects(paths: PipelinePaths, ids: list[str]) -> list[str | None]:
+    """The subject of each real train row ``ids`` (pseudonymised; used only for grouping)."""
     table = read_table(paths.real, columns=["id", "subject"], splits=["train"])
     subject_of = dict(zip(table.column("id").to_pylist(), table.column("subject").to_pylist(), strict=True))
-    subjects = [subject_of.get(row_id) for row_id in ids]
-    if len(set(subjects)) >= 2:
-        codes = {name: i for i, name in enumerate(sorted(set(map(str, subjects))))}
-        return np.asarray([codes[str(s)] for s in subjects], np.int64), "nearest real train image of another subject"
-    return np.arange(len(ids), dtype=np.int64), "nearest other real train image (one subject)"
+    return [subject_of.get(row_id) for row_id in ids]
 
 
-def _threshold(spec: NearestNeighbourFilter, reference: np.ndarray, reference_kind: str) -> dict[str, Any]:
-    """The filter's distance threshold: absolute, or calibrated on real-vs-real distances."""
-    finite = reference[np.isfinite(reference)]
-    info: dict[str, Any] = {
-        "reference": {
-            "kind": reference_kind,
-            "n": int(finite.size),
-            "quantile": spec.calibration_quantile,
-            "value": float(np.quantile(finite, spec.calibration_quantile)) if finite.size else None,
-        }
-    }
-    if spec.max_distance is not None:
-        return {**info, "threshold": float(spec.max_distance), "threshold_source": "absolute"}
-    if not finite.size:
-        raise DataError(
-            "expected at least 2 real train images to calibrate the nearest-neighbour filters, got fewer; "
-            "set quality.memorisation.max_distance and quality.duplicates.max_distance"
-        )
-    threshold = spec.calibration_scale * info["reference"]["value"]
-    if threshold == 0:
-        logger.warning(
-            "calibrated %s threshold is 0 (real train holds identical images); nothing is dropped", spec.space
-        )
-    return {**info, "threshold": float(threshold), "threshold_source": "calibrated"}
-
-
-# --------------------------------------------------------------------------- set metrics
-def _diversity(
-    images: np.ndarray | None, settings: quality_metrics.MsSsimSettings | None, pairs: int, seed: int, device: str
-) -> dict:
-    """MS-SSIM diversity fields of one set (None when not computed)."""
-    if settings is None or images is None:
-        return {"ms_ssim_mean": None, "ms_ssim_std": None, "ms_ssim_pairs": 0}
-    result = quality_metrics.ms_ssim_diversity(images, settings, pairs=pairs, seed=seed, device=device)
-    return {"ms_ssim_mean": result["mean"], "ms_ssim_std": result["std"], "ms_ssim_pairs": result["n_pairs"]}
-
-
-def _compare(
+def _nearest_neighbour_filters(
     cfg: PipelineConfig,
-    real_feats: np.ndarray,
-    real_labels: np.ndarray,
-    feats: np.ndarray,
-    labels: np.ndarray,
-    images: np.ndarray | None,
-    classes: list[str],
-    settings: quality_metrics.MsSsimSettings | None,
-    device: str,
-) -> dict[str, Any]:
-    """Set metrics of one set against real train, overall and per class; MS-SSIM diversity
-    only when ``images`` are given."""
-    spec = cfg.quality.metrics
-
-    def one(real: np.ndarray, mine: np.ndarray, mine_images: np.ndarray | None) -> dict[str, Any]:
-        result = quality_metrics.compare_sets(
-            real,
-            mine,
-            k=spec.nearest_k,
-            kid_subsets=spec.kid_subsets,
-            kid_subset_size=spec.kid_subset_size,
-            seed=cfg.seed,
-        )
-        return {**result, **_diversity(mine_images, settings, spec.ms_ssim_pairs, cfg.seed, device)}
-
-    per_class = {
-        name: one(
-            real_feats[real_labels == name], feats[labels == name], None if images is None else images[labels == name]
-        )
-        for name in classes
-    }
-    return {"overall": one(real_feats, feats, images), "per_class": per_class}
-
-
-# --------------------------------------------------------------------------- gate
-def _gate(gate: QualityGate, quality: dict[str, Any]) -> dict[str, Any]:
-    """Check every configured bound; ``{"passed", "checks": [...]}``."""
-    overall = ((quality.get("set_metrics") or {}).get("sets") or {}).get("kept", {}).get("overall", {})
-    memorisation = quality["filters"].get("memorisation") or {}
-    values = {
-        "max_fid": ("fid", overall.get("fid")),
-        "max_kid": ("kid", overall.get("kid_mean")),
-        "min_precision": ("precision", overall.get("precision")),
-        "min_recall": ("recall", overall.get("recall")),
-        "max_memorised_fraction": ("memorised_fraction", memorisation.get("fraction_below_threshold")),
-        "min_kept_fraction": ("kept_fraction", quality.get("kept_fraction")),
-    }
-    checks = []
-    for bound_name, (metric, value) in values.items():
-        bound = getattr(gate, bound_name)
-        if bound is None:
-            continue
-        ok = value is not None and (value <= bound if bound_name.startswith("max_") else value >= bound)
-        checks.append({"metric": metric, "bound_name": bound_name, "bound": bound, "value": value, "passed": bool(ok)})
-    return {"passed": all(c["passed"] for c in checks), "checks": checks}
-
-
-def gate_message(gate: dict[str, Any], quality: dict[str, Any], paths: PipelinePaths) -> str:
-    """One line: every failed check (metric, value, bound, fix) and where the outputs are."""
-    extractor = ((quality.get("set_metrics") or {}).get("extractor")) or {}
-    context = (
-        f" (extractor {extractor.get('name')}, normalisation {extractor.get('normalisation')}, kept synthetic vs real train)"
-        if extractor
-        else ""
-    )
-    parts = []
-    for check in gate["checks"]:
-        if check["passed"]:
-            continue
-        sign = ">" if check["bound_name"].startswith("max_") else "<"
-        value = "not computable (too few images)" if check["value"] is None else f"{check['value']:.6g} {sign}"
-        shown = f"{check['metric']} {value} {check['bound_name']} {check['bound']:g}"
-        if check["metric"] in ("fid", "kid", "precision", "recall"):
-            shown += context
-        parts.append(f"{shown}: {GATE_FIXES[check['bound_name']]}")
-    where = f"{paths.filtered} and {paths.metrics / 'quality.json'}"
-    return f"quality gate failed: {'; '.join(parts)}; outputs kept for inspection in {where}"
-
-
-# --------------------------------------------------------------------------- the stage
-def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
-    """Score, filter, measure and write the synthetic dataset; returns the counts of
-    ``quality.json`` (``per_class``, ``totals``, ``kept_fraction``), the label classifier's
-    val accuracy, the extractor name, the kept set's overall FID/KID and ``gate_passed``.
-    Raises QualityGateError after writing when a ``quality.gate`` bound is crossed."""
+    paths: PipelinePaths,
+    train: downstream.LabelledArrays,
+    real_feats: np.ndarray | None,
+    scores: SyntheticScores,
+    syn_feats: np.ndarray | None,
+) -> tuple[nn_filters.FilterResult | None, nn_filters.FilterResult | None]:
+    """Run the memorisation and near-duplicate filters that are enabled."""
     spec = cfg.quality
-    use_memo, use_dup, use_metrics = spec.memorisation.enabled, spec.duplicates.enabled, spec.metrics.enabled
-    classes = _check_labels(cfg, paths)
-    device = setup_torch(cfg, cfg.seed)
-    train = downstream.load_labelled(paths.real, ["train"], classes)
-    if len(train) == 0:
-        raise DataError(f"{paths.real}: expected real train images, found none; check the ingest split")
-    real_shape = tuple(int(d) for d in train.images.shape[1:])
-    kind = _extractor_kind(cfg, classes)
-    val = (
-        downstream.load_labelled(paths.real, ["val"], classes)
-        if (spec.label_consistency.enabled or use_metrics)
-        else None
-    )
-
-    model, classifier = None, None
-    if spec.label_consistency.enabled or kind == "classifier":
-        model, classifier = _train_label_classifier(cfg, paths, classes, train, val, device)
-    extractor, normalisation, real_feats, val_feats = None, None, None, None
-    if kind is not None:
-        extractor, normalisation = _build_extractor(cfg, paths, kind, model, real_shape[0])
-        cache = features.FeatureCache(paths.state / "features")
-        digest = dataset_digest(paths.real)
-
-        def cached(split: str, arrays: downstream.LabelledArrays) -> np.ndarray:
-            feats, _ = cache.features(
-                dataset_digest=digest,
-                split=split,
-                extractor=extractor,
-                normalisation=normalisation,
-                ids=arrays.ids,
-                compute=lambda: features.extract_features(
-                    extractor,
-                    arrays.images,
-                    normalisation=normalisation,
-                    batch_size=spec.metrics.batch_size,
-                    device=device,
-                ),
-            )
-            return feats
-
-        real_feats = cached("train", train)
-        if use_metrics and val is not None and len(val):
-            val_feats = cached("val", val)
-    reference = _real_sanity_reference(cfg, train) if spec.sanity.enabled else None
-
-    check_shape = spec.label_consistency.enabled or use_memo or use_dup or use_metrics
-    scores = _score_synthetic(cfg, paths, model, classes, real_shape, device, check_shape)
     n, usable = scores.n, scores.usable
-    syn_feats = None
-    if extractor is not None:
-        syn_feats = features.extract_features(
-            extractor, scores.images, normalisation=normalisation, batch_size=spec.metrics.batch_size, device=device
+    groups, reference_kind = None, ""
+    references: dict[str, np.ndarray] = {}
+
+    def limit(nn_spec) -> dict[str, Any]:
+        nonlocal groups, reference_kind
+        if groups is None:
+            groups, reference_kind = nn_filters.subject_groups(_real_subjects(paths, train.ids))
+        if nn_spec.space not in references:
+            vectors = nn_filters.space_vectors(nn_spec.space, train.images, real_feats)
+            references[nn_spec.space] = nn_filters.real_reference(vectors, groups)
+        return nn_filters.threshold(nn_spec, references[nn_spec.space], reference_kind)
+
+    memo = dup = None
+    if spec.memorisation.enabled:
+        space = spec.memorisation.space
+        memo = nn_filters.memorisation_filter(
+            spec.memorisation,
+            limit(spec.memorisation),
+            n,
+            usable,
+            nn_filters.space_vectors(space, scores.images, syn_feats),
+            nn_filters.space_vectors(space, train.images, real_feats),
         )
-    keep_memo, keep_dup = np.ones(n, bool), np.ones(n, bool)
-    filters: dict[str, Any] = {
-        "sanity": spec.sanity.model_dump(mode="json"),
-        "label_consistency": spec.label_consistency.model_dump(mode="json"),
-        "memorisation": None,
-        "duplicates": None,
-    }
-
-    reference_cache: dict[str, tuple[np.ndarray, str]] = {}
-
-    def real_reference(space: str) -> tuple[np.ndarray, str]:
-        """Each real train image's distance to its nearest real train image of another subject."""
-        if space not in reference_cache:
-            vectors = _space_vectors(space, train.images, real_feats)
-            groups, kind_name = _subject_groups(paths, train.ids)
-            distance, _ = quality_metrics.nearest_distances(vectors, vectors, groups, groups)
-            reference_cache[space] = (distance, kind_name)
-        return reference_cache[space]
-
-    if use_memo:
-        memo = spec.memorisation
-        info = _threshold(memo, *real_reference(memo.space))
-        distance = np.full(n, math.nan)
-        if usable.size:
-            real_vectors = _space_vectors(memo.space, train.images, real_feats)
-            nearest, _ = quality_metrics.nearest_distances(
-                _space_vectors(memo.space, scores.images, syn_feats), real_vectors
-            )
-            distance[usable] = nearest
-        scores.columns["q_nn_real_distance"] = distance
-        keep_memo = distance >= info["threshold"]  # NaN (unscorable) -> dropped
-        below = int(np.sum(distance[usable] < info["threshold"]))
-        filters["memorisation"] = {
-            **memo.model_dump(mode="json"),
-            **info,
-            "n_scored": int(usable.size),
-            "n_below_threshold": below,
-            "fraction_below_threshold": below / usable.size if usable.size else None,
-        }
-        logger.info(
-            "memorisation: %d of %d synthetic images within %.4g of a real train image",
-            below,
-            usable.size,
-            info["threshold"],
-        )
-
-    if use_dup:
-        dup = spec.duplicates
-        info = _threshold(dup, *real_reference(dup.space))
-        in_running = scores.keep_sanity & scores.keep_label & keep_memo
+    if spec.duplicates.enabled:
+        in_running = scores.keep_sanity & scores.keep_label & (memo.keep if memo else np.ones(n, bool))
         position = np.flatnonzero(in_running[usable])  # positions in the usable arrays, id order
-        candidates = usable[position]
-        vectors = _space_vectors(dup.space, scores.images[position], None if syn_feats is None else syn_feats[position])
-        rows = np.arange(candidates.size, dtype=np.int64)
-        nearest, _ = quality_metrics.nearest_distances(vectors, vectors, rows, rows)
-        distance = np.full(n, math.nan)
-        distance[candidates] = np.where(np.isfinite(nearest), nearest, math.nan)
-        first = quality_metrics.first_of_each_group(
-            candidates.size, quality_metrics.close_pairs(vectors, info["threshold"])
+        vectors = nn_filters.space_vectors(
+            spec.duplicates.space, scores.images[position], None if syn_feats is None else syn_feats[position]
         )
-        keep_dup = np.zeros(n, bool)  # rows out of the running cannot be scored
-        keep_dup[candidates[first]] = True
-        keep_dup |= ~in_running  # ... and are counted under the filter that dropped them
-        scores.columns["q_nn_synthetic_distance"] = distance
-        filters["duplicates"] = {
-            **dup.model_dump(mode="json"),
-            **info,
-            "n_scored": int(candidates.size),
-            "n_below_threshold": int(np.sum(nearest < info["threshold"])),
-            "fraction_below_threshold": float(np.mean(nearest < info["threshold"])) if candidates.size else None,
-            "n_dropped": int(candidates.size - first.sum()),
-        }
+        dup = nn_filters.duplicate_filter(
+            spec.duplicates, limit(spec.duplicates), n, usable[position], vectors, in_running
+        )
+    return memo, dup
 
-    keep = scores.keep_sanity & scores.keep_label & keep_memo & keep_dup
+
+def _count(scores: SyntheticScores, keep_memo: np.ndarray, keep_dup: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per-class counts; a dropped row counts under the first filter that drops it."""
     counts: dict[str, dict[str, int]] = {}
     for i, label in enumerate(scores.labels):
         entry = counts.setdefault(label, dict.fromkeys(COUNT_KEYS, 0))
@@ -715,13 +517,18 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
             entry["dropped_duplicate"] += 1
         else:
             entry["kept"] += 1
+    return dict(sorted(counts.items()))
 
-    schema = quality_schema(spec.sanity.enabled, spec.label_consistency.enabled, use_memo, use_dup)
+
+def _write_filtered(
+    cfg: PipelineConfig, paths: PipelinePaths, schema: pa.Schema, columns: dict[str, np.ndarray], keep: np.ndarray
+) -> None:
+    """Second pass over the synthetic shards: append the score columns, keep the kept rows."""
     provenance = {
         "stage": "filter",
         "synthetic": dataset_digest(paths.synthetic),
         "real": dataset_digest(paths.real),
-        "quality": spec.model_dump(mode="json"),
+        "quality": cfg.quality.model_dump(mode="json"),
     }
     with DatasetWriter(
         paths.filtered, shard_rows=cfg.synthesis.shard_rows, schema=schema, provenance=provenance
@@ -732,34 +539,106 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
             rows = slice(offset, offset + table.num_rows)
             offset += table.num_rows
             for name in schema.names[len(BASE_COLUMNS) :]:
-                table = table.append_column(name, pa.array(scores.columns[name][rows], type=pa.float64()))
+                table = table.append_column(name, pa.array(columns[name][rows], type=pa.float64()))
             writer.write_table(table.filter(pa.array(keep[rows])))
+
+
+def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
+    """Score, filter, measure and write the synthetic dataset; returns the counts of
+    ``quality.json`` (``per_class``, ``totals``, ``kept_fraction``), the label classifier's
+    val accuracy, the extractor name, the kept set's overall FID/KID and ``gate_passed``.
+    Raises QualityGateError after writing when a ``quality.gate`` bound is crossed."""
+    spec = cfg.quality
+    use_label, use_metrics = spec.label_consistency.enabled, spec.metrics.enabled
+    classes = _check_labels(cfg, paths)
+    device = setup_torch(cfg, cfg.seed)
+    train = downstream.load_labelled(paths.real, ["train"], classes)
+    if len(train) == 0:
+        raise DataError(f"{paths.real}: expected real train images, found none; check the ingest split")
+    real_shape = tuple(int(d) for d in train.images.shape[1:])
+    kind = _extractor_kind(cfg, classes)
+    val = downstream.load_labelled(paths.real, ["val"], classes) if (use_label or use_metrics) else None
+
+    model, classifier = None, None
+    if use_label or kind == "classifier":
+        model, classifier = _train_label_classifier(cfg, paths, classes, train, val, device)
+    extractor, normalisation, real_feats, val_feats = None, None, None, None
+    if kind is not None:
+        extractor, normalisation = _build_extractor(cfg, paths, kind, model, real_shape[0])
+        real_feats = _real_features(cfg, paths, extractor, normalisation, "train", train, device)
+        if use_metrics and val is not None and len(val):
+            val_feats = _real_features(cfg, paths, extractor, normalisation, "val", val, device)
+    reference = _real_sanity_reference(cfg, train) if spec.sanity.enabled else None
+
+    check_shape = use_label or spec.memorisation.enabled or spec.duplicates.enabled or use_metrics
+    scores = _score_synthetic(cfg, paths, model, classes, real_shape, device, check_shape)
+    syn_feats = None
+    if extractor is not None:
+        syn_feats = features.extract_features(
+            extractor, scores.images, normalisation=normalisation, batch_size=spec.metrics.batch_size, device=device
+        )
+    memo, dup = _nearest_neighbour_filters(cfg, paths, train, real_feats, scores, syn_feats)
+    keep_memo = memo.keep if memo else np.ones(scores.n, bool)
+    keep_dup = dup.keep if dup else np.ones(scores.n, bool)
+    if memo:
+        scores.columns["q_nn_real_distance"] = memo.column
+    if dup:
+        scores.columns["q_nn_synthetic_distance"] = dup.column
+    keep = scores.keep_sanity & scores.keep_label & keep_memo & keep_dup
+    schema = quality_schema(spec.sanity.enabled, use_label, memo is not None, dup is not None)
+    _write_filtered(cfg, paths, schema, scores.columns, keep)
 
     set_metrics = None
     if use_metrics:
-        set_metrics = _set_metrics(
-            cfg, extractor, normalisation, classes, train, real_feats, val, val_feats, scores, syn_feats, keep
-        )
+        labels = np.asarray(scores.labels, dtype=object)[scores.usable]
+        kept = keep[scores.usable]
+        record = extractor.describe(normalisation)
         if kind == "classifier":
-            set_metrics["extractor"]["training"] = classifier
-    if not spec.label_consistency.enabled:
-        classifier = None  # trained only as the feature extractor (recorded above), not as a filter
+            record["training"] = classifier
+        set_metrics = quality_sets.set_metrics_block(
+            spec.metrics,
+            record,
+            quality_sets.FeatureSet(real_feats, np.asarray(train.labels, dtype=object), train.images),
+            {
+                "kept": quality_sets.FeatureSet(syn_feats[kept], labels[kept], scores.images[kept]),
+                "generated": quality_sets.FeatureSet(syn_feats, labels),
+                "real_val": None
+                if val_feats is None
+                else quality_sets.FeatureSet(val_feats, np.asarray(val.labels, dtype=object)),
+            },
+            classes,
+            seed=cfg.seed,
+            device=device,
+        )
+        overall = set_metrics["sets"]["kept"]["overall"]
+        logger.info(
+            "set metrics (%s, %s), kept vs real train: FID %s, KID %s, precision %s, recall %s",
+            extractor.name,
+            normalisation,
+            *(overall[k] for k in ("fid", "kid_mean", "precision", "recall")),
+        )
 
-    per_class = dict(sorted(counts.items()))
+    per_class = _count(scores, keep_memo, keep_dup)
     totals = {k: sum(entry[k] for entry in per_class.values()) for k in COUNT_KEYS}
     kept_fraction = totals["kept"] / totals["generated"] if totals["generated"] else None
     quality: dict[str, Any] = {
         "per_class": per_class,
         "totals": totals,
         "kept_fraction": kept_fraction,
-        "filters": filters,
-        "label_classifier": classifier,
+        "filters": {
+            "sanity": spec.sanity.model_dump(mode="json"),
+            "label_consistency": spec.label_consistency.model_dump(mode="json"),
+            "memorisation": memo.info if memo else None,
+            "duplicates": dup.info if dup else None,
+        },
+        # trained only as the feature extractor (recorded there) when the filter is off
+        "label_classifier": classifier if use_label else None,
         "real_train_sanity": reference,
         "set_metrics": set_metrics,
     }
     quality = downstream.round_floats(quality)
-    gate = _gate(spec.gate, quality)
-    quality["gate"] = downstream.round_floats(gate)
+    gate = downstream.round_floats(quality_sets.check_gate(spec.gate, quality))
+    quality["gate"] = gate
     paths.metrics.mkdir(parents=True, exist_ok=True)
     write_json_atomic(quality, paths.metrics / "quality.json")
     logger.info(
@@ -767,88 +646,18 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
         *(totals[k] for k in COUNT_KEYS),
     )
     if not gate["passed"]:
-        raise QualityGateError(gate_message(gate, quality, paths))
+        outputs = f"{paths.filtered} and {paths.metrics / 'quality.json'}"
+        raise QualityGateError(quality_sets.gate_message(gate, quality, outputs))
     kept_overall = (set_metrics or {}).get("sets", {}).get("kept", {}).get("overall", {})
     return downstream.round_floats(
         {
             "per_class": per_class,
             "totals": totals,
             "kept_fraction": kept_fraction,
-            "label_classifier_val_accuracy": classifier["val_accuracy"] if classifier else None,
-            "extractor": extractor.name if extractor is not None and use_metrics else None,
+            "label_classifier_val_accuracy": classifier["val_accuracy"] if use_label else None,
+            "extractor": extractor.name if use_metrics else None,
             "fid": kept_overall.get("fid"),
             "kid_mean": kept_overall.get("kid_mean"),
             "gate_passed": gate["passed"],
         }
     )
-
-
-def _set_metrics(
-    cfg: PipelineConfig,
-    extractor: features.Extractor,
-    normalisation: str,
-    classes: list[str],
-    train: downstream.LabelledArrays,
-    real_feats: np.ndarray,
-    val: downstream.LabelledArrays | None,
-    val_feats: np.ndarray | None,
-    scores: SyntheticScores,
-    syn_feats: np.ndarray,
-    keep: np.ndarray,
-) -> dict[str, Any]:
-    """The ``set_metrics`` block of quality.json (see the module docstring)."""
-    spec = cfg.quality.metrics
-    height, width = train.images.shape[2:]
-    try:
-        settings = quality_metrics.ms_ssim_settings(height, width, spec.ms_ssim_kernel_size)
-    except DataError as exc:
-        logger.warning("MS-SSIM skipped: %s", exc)
-        settings = None
-    real_labels = np.asarray(train.labels, dtype=object)
-    syn_labels = np.asarray(scores.labels, dtype=object)[scores.usable]
-    kept = keep[scores.usable]
-    device = next(extractor.module.parameters()).device.type
-    sets = {
-        "kept": _compare(
-            cfg,
-            real_feats,
-            real_labels,
-            syn_feats[kept],
-            syn_labels[kept],
-            scores.images[kept],
-            classes,
-            settings,
-            device,
-        ),
-        "generated": _compare(cfg, real_feats, real_labels, syn_feats, syn_labels, None, classes, settings, device),
-        "real_val": None,
-    }
-    if val is not None and val_feats is not None and len(val):
-        val_labels = np.asarray(val.labels, dtype=object)
-        sets["real_val"] = _compare(
-            cfg, real_feats, real_labels, val_feats, val_labels, None, classes, settings, device
-        )
-    real_diversity = {
-        "overall": _diversity(train.images, settings, spec.ms_ssim_pairs, cfg.seed, device),
-        "per_class": {
-            name: _diversity(train.images[real_labels == name], settings, spec.ms_ssim_pairs, cfg.seed, device)
-            for name in classes
-        },
-    }
-    overall = sets["kept"]["overall"]
-    logger.info(
-        "set metrics (%s, %s): kept vs real train FID %s, KID %s, precision %s, recall %s",
-        extractor.name,
-        normalisation,
-        overall["fid"],
-        overall["kid_mean"],
-        overall["precision"],
-        overall["recall"],
-    )
-    return {
-        "extractor": extractor.describe(normalisation),
-        "reference": "real train",
-        "ms_ssim_settings": settings.as_dict() if settings else None,
-        "sets": sets,
-        "real_train_diversity": real_diversity,
-    }

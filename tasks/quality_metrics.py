@@ -332,14 +332,15 @@ class MsSsimSettings:
 
 
 def ms_ssim_settings(height: int, width: int, kernel_size: int = 11, kernel_sigma: float = 1.5) -> MsSsimSettings:
-    """The most scales (<= 5) that MONAI's ``compute_ms_ssim`` accepts for this size and
-    kernel: it needs ``min(H, W) // max(1, scales - 1) ** 2 > kernel_size - 1``. A 64x64
-    image with the standard 11-pixel kernel gets 3 scales, 32x32 gets 2. Raises DataError
-    when even one scale (plain SSIM) does not fit."""
+    """The most scales (<= 5) that fit: the coarsest scale (the image halved ``scales - 1``
+    times) must still hold the kernel, and MONAI's ``compute_ms_ssim`` must accept it (it
+    checks ``min(H, W) // max(1, scales - 1) ** 2 > kernel_size - 1``). A 64x64 image with
+    the standard 11-pixel kernel gets 3 scales, 32x32 gets 2, 16x16 gets 1 (plain SSIM).
+    Raises DataError when even one scale does not fit."""
     side = min(height, width)
     scales = 0
     for n in range(len(MS_SSIM_WEIGHTS), 0, -1):
-        if side // max(1, n - 1) ** 2 > kernel_size - 1:
+        if side // 2 ** (n - 1) >= kernel_size and side // max(1, n - 1) ** 2 > kernel_size - 1:
             scales = n
             break
     if scales == 0:

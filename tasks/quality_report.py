@@ -42,7 +42,17 @@ def _kid(entry: dict[str, Any]) -> str:
 
 
 def _metrics_table(block: dict[str, Any], with_diversity: bool) -> list[str]:
-    header = ["class", "n real", "n synthetic", "FID", "KID (mean ± std)", "precision", "recall", "density", "coverage"]
+    header = [
+        "class",
+        "n real train",
+        "n compared",
+        "FID",
+        "KID (mean ± std)",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+    ]
     if with_diversity:
         header.append("MS-SSIM (lower = more diverse)")
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -133,7 +143,8 @@ def _filters(quality: dict[str, Any]) -> list[str]:
         unit = "RMSE of [0, 1] pixels" if info.get("space") == "pixel" else "feature distance"
         source = (
             f"calibrated: {info.get('calibration_scale')} x the {info.get('calibration_quantile')} quantile "
-            f"({_num(reference.get('value'))}) of the {reference.get('kind')} distance over {reference.get('n')} images"
+            f"({_num(reference.get('value'))}) of the distance from each of {reference.get('n')} real train images "
+            f"to its {reference.get('kind')}"
             if info.get("threshold_source") == "calibrated"
             else "absolute"
         )

@@ -5,16 +5,24 @@ filtered datasets' manifests and rows, and the generator's ``card.yaml`` (option
 writes to ``paths.reports``:
 
 - ``report.md``: the real-only vs real+synthetic table (mean +/- 95% CI half-width over
-  seeds, delta with its seed and bootstrap intervals) and the verdict; class counts of the
-  real splits and of the synthetic rows generated / dropped / kept / used; the generator
+  seeds, delta with its seed and bootstrap intervals) and the verdict; the ratio sweep and
+  the low-data regime (tables, plots, one verdict line per condition) when retrain ran
+  them; class counts of the real splits and of the synthetic rows generated / dropped /
+  kept / used, and how many inputs ingest rejected (``rejects.json``, optional); the
+  quality stage's section (:func:`tasks.quality_report.quality_markdown`); the generator
   card's summary; the two image grids;
 - ``grid_real.png`` and ``grid_synthetic.png``: one row per class, ``report.grid_per_class``
-  images per row, picked evenly over the rows sorted by id (deterministic; the PNG bytes
-  are identical on rerun).
+  images per row, picked evenly over the rows sorted by id;
+- ``ratio_sweep.png`` and ``low_data.png`` (when the sweep ran): the primary metric vs the
+  synthetic:real ratio, and vs the real fraction (real only and real + synthetic), mean
+  with 95% t-interval bars over seeds and each seed as a dot.
+
+Everything is deterministic: the same inputs give the same bytes on rerun.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -30,12 +38,17 @@ from generators.errors import ConfigError, DataError
 from generators.shards import BASE_COLUMNS, decode_table, iter_tables, read_manifest, read_table
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
+from tasks.quality_report import quality_markdown
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.md"
 GRID_REAL = "grid_real.png"
 GRID_SYNTHETIC = "grid_synthetic.png"
+RATIO_PLOT = "ratio_sweep.png"
+FRACTION_PLOT = "low_data.png"
+PLOT_SIZE_IN = (6.4, 4.0)
+PLOT_DPI = 100
 TILE_MIN_PX = 64  # small images are upscaled (nearest) to at least this many pixels
 GAP_PX = 2
 LABEL_WIDTH_PX = 96
@@ -46,8 +59,25 @@ SETTING_TITLES = {"real_only": "real only", "augmented": "real + synthetic"}
 def read_metrics(path: Path, stage: str) -> dict[str, Any]:
     """A metrics JSON file written by ``stage``; a clear error when it is missing."""
     if not path.is_file():
-        raise DataError(f"{path}: expected the metrics of the '{stage}' stage, found none; run `synthmed stage {stage}` first")
+        raise DataError(
+            f"{path}: expected the metrics of the '{stage}' stage, found none; run `synthmed stage {stage}` first"
+        )
     return json.loads(path.read_text())
+
+
+def count_rejects(path: Path) -> int | None:
+    """How many inputs ingest refused (the length of ``rejects.json``), None without the file."""
+    if not path.is_file():
+        return None
+    try:
+        rejects = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: expected a JSON list of rejected inputs, got unparsable JSON ({exc}); rerun ingest"
+        ) from None
+    if not isinstance(rejects, list):
+        raise DataError(f"{path}: expected a JSON list of rejected inputs, got {type(rejects).__name__}; rerun ingest")
+    return len(rejects)
 
 
 def read_card_summary(path: Path) -> dict[str, Any] | None:
@@ -58,9 +88,13 @@ def read_card_summary(path: Path) -> dict[str, Any] | None:
     try:
         card = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: expected a YAML model card, got unparsable YAML ({exc}); rerun the train stage") from None
+        raise ConfigError(
+            f"{path}: expected a YAML model card, got unparsable YAML ({exc}); rerun the train stage"
+        ) from None
     if not isinstance(card, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping (a model card), got {type(card).__name__}; rerun the train stage")
+        raise ConfigError(
+            f"{path}: expected a YAML mapping (a model card), got {type(card).__name__}; rerun the train stage"
+        )
     training = card.get("training") if isinstance(card.get("training"), dict) else {}
     return {
         "id": card.get("id"),
@@ -74,12 +108,14 @@ def read_card_summary(path: Path) -> dict[str, Any] | None:
     }
 
 
-def pick_rows(dataset: Path, splits: list[str] | None, classes: list[str], per_class: int) -> dict[str, list[np.ndarray]]:
+def pick_rows(
+    dataset: Path, splits: list[str] | None, classes: list[str], per_class: int
+) -> dict[str, list[np.ndarray]]:
     """Up to ``per_class`` images per class, evenly spaced over the class's rows sorted by
     id. Returns ``{class: [float32 (C, H, W) in [0, 1], ...]}``; only picked rows are decoded."""
     table = read_table(dataset, columns=["id", "label"], splits=splits)
     by_class: dict[str, list[str]] = {c: [] for c in classes}
-    for row_id, label in zip(table.column("id").to_pylist(), table.column("label").to_pylist()):
+    for row_id, label in zip(table.column("id").to_pylist(), table.column("label").to_pylist(), strict=True):
         if label in by_class:
             by_class[label].append(row_id)
     picked: dict[str, str] = {}
@@ -93,7 +129,7 @@ def pick_rows(dataset: Path, splits: list[str] | None, classes: list[str], per_c
         keep = np.asarray([row_id in picked for row_id in part.column("id").to_pylist()], dtype=bool)
         if keep.any():
             arrays = decode_table(part.filter(keep))
-            for row_id, image in zip(arrays.ids, arrays.images):
+            for row_id, image in zip(arrays.ids, arrays.images, strict=True):
                 images[picked[row_id]].append((row_id, image))
     return {c: [image for _, image in sorted(rows, key=lambda r: r[0])] for c, rows in images.items()}
 
@@ -127,23 +163,126 @@ def render_grid(rows: dict[str, list[np.ndarray]], per_class: int) -> Image.Imag
     return picture
 
 
-def save_png(picture: Image.Image, path: Path) -> None:
-    """Write a PNG atomically; PIL writes no timestamp, so the bytes are reproducible."""
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write a file atomically (temp file in the same folder, then rename)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        picture.save(tmp, format="PNG")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(text.encode("utf-8"), path)
+
+
+def save_png(picture: Image.Image, path: Path) -> None:
+    """Write a PNG atomically; PIL writes no timestamp, so the bytes are reproducible."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes_atomic(buffer.getvalue(), path)
+
+
+def _figure():
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _error_bars(stats: list[dict[str, Any]]) -> np.ndarray | None:
+    """``(2, n)`` distances from the means to the 95% bounds, None when no bound exists."""
+    if all(s.get("ci95_low") is None for s in stats):
+        return None
+    low = [s["mean"] - s["ci95_low"] if s.get("ci95_low") is not None else 0.0 for s in stats]
+    high = [s["ci95_high"] - s["mean"] if s.get("ci95_high") is not None else 0.0 for s in stats]
+    return np.asarray([low, high])
+
+
+def _metric_axis(axes, retrain: dict[str, Any]) -> None:
+    primary = retrain["primary_metric"]
+    lower = primary in set(retrain.get("lower_is_better", []))
+    axes.set_ylabel(primary + (" (lower is better)" if lower else ""))
+    if not lower:
+        axes.set_ylim(-0.02, 1.02)
+    axes.grid(True, alpha=0.3)
+
+
+def _plot_points(axes, x: list[float], stats: list[dict[str, Any]], label: str, color: str) -> None:
+    """Means with 95% t-interval bars over seeds, and every seed as a dot."""
+    means = [s["mean"] for s in stats]
+    axes.errorbar(x, means, yerr=_error_bars(stats), fmt="o-", color=color, capsize=4, label=label)
+    for xi, s in zip(x, stats, strict=True):
+        per_seed = s.get("per_seed") or []
+        axes.plot([xi] * len(per_seed), per_seed, ".", color=color, alpha=0.35)
+
+
+def render_ratio_plot(retrain: dict[str, Any]) -> bytes:
+    """PNG bytes: the primary metric vs the synthetic:real ratio of the ratio sweep."""
+    sweep = retrain["ratio_sweep"]
+    primary = retrain["primary_metric"]
+    conditions = sweep["conditions"]
+    figure = _figure()
+    axes = figure.add_subplot()
+    x = [c["ratio"] for c in conditions]
+    _plot_points(axes, x, [c["metrics"][primary] for c in conditions], "real + synthetic (ratio 0: real only)", "C0")
+    for c in conditions:
+        if c["n_synthetic"] < c["n_synthetic_requested"]:
+            axes.annotate(
+                f"only {c['effective_ratio']:.2f}",
+                (c["ratio"], c["metrics"][primary]["mean"]),
+                textcoords="offset points",
+                xytext=(6, -14),
+                fontsize=8,
+            )
+    axes.set_xticks(x)
+    axes.set_xlabel("synthetic : real ratio (requested)")
+    _metric_axis(axes, retrain)
+    axes.set_title(
+        f"{retrain['task']} with {retrain['network']}: {len(sweep['seeds'])} seed(s), {sweep['steps']} steps"
+    )
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return _figure_png(figure)
+
+
+def render_fraction_plot(retrain: dict[str, Any]) -> bytes:
+    """PNG bytes: the primary metric vs the real fraction, real only and real + synthetic."""
+    sweep = retrain["low_data"]
+    primary = retrain["primary_metric"]
+    conditions = sweep["conditions"]
+    figure = _figure()
+    axes = figure.add_subplot()
+    x = [c["fraction"] for c in conditions]
+    dodge = 1.03  # side by side on the log axis
+    _plot_points(axes, [v / dodge for v in x], [c["real_only"][primary] for c in conditions], "real only", "C1")
+    _plot_points(
+        axes,
+        [v * dodge for v in x],
+        [c["augmented"][primary] for c in conditions],
+        f"real + synthetic (ratio {sweep['synthetic_ratio']:g})",
+        "C0",
+    )
+    axes.set_xscale("log")
+    axes.set_xticks(x)
+    axes.set_xticklabels([f"{v:g}\n({c['n_real']} real)" for v, c in zip(x, conditions, strict=True)])
+    axes.minorticks_off()
+    axes.set_xlabel("fraction of the real train split")
+    _metric_axis(axes, retrain)
+    axes.set_title(f"low-data regime: {len(sweep['seeds'])} seed(s), {sweep['steps']} steps")
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return _figure_png(figure)
 
 
 # --------------------------------------------------------------------------- text
@@ -173,8 +312,13 @@ def metric_table(retrain: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"metric": metric, "primary": metric == retrain["primary_metric"]}
         for setting in ("real_only", "augmented"):
             stats = retrain[setting][metric]
-            row.update({f"{setting}_mean": stats["mean"], f"{setting}_ci95_low": stats["ci95_low"],
-                        f"{setting}_ci95_high": stats["ci95_high"]})
+            row.update(
+                {
+                    f"{setting}_mean": stats["mean"],
+                    f"{setting}_ci95_low": stats["ci95_low"],
+                    f"{setting}_ci95_high": stats["ci95_high"],
+                }
+            )
         row.update(
             delta_mean=delta["mean"],
             delta_ci95_low=delta["ci95_low"],
@@ -186,28 +330,170 @@ def metric_table(retrain: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _verdict_line(retrain: dict[str, Any]) -> str:
-    primary = retrain["primary_metric"]
-    delta = retrain["delta"][primary]
-    seeds = len(retrain["seeds"])
-    why = {
-        "helped": "every 95% interval of the delta lies above zero",
-        "hurt": "every 95% interval of the delta lies below zero",
-        "no measurable effect": "a 95% interval of the delta includes zero",
-    }.get(retrain["verdict"], "")
+WHY = {
+    "helped": "every 95% interval of the delta lies above zero",
+    "hurt": "every 95% interval of the delta lies below zero",
+    "no measurable effect": "a 95% interval of the delta includes zero",
+}
+
+
+def _delta_text(delta: dict[str, Any], seeds: int, n_test: int) -> str:
     return (
-        f"**Verdict on {primary}: {retrain['verdict']}**: delta {_fmt(delta['mean'], True)}, "
-        f"95% CI over {seeds} seed(s) {_interval(delta['ci95_low'], delta['ci95_high'])}, "
-        f"bootstrap over {retrain['n_test']} test images "
-        f"{_interval(delta['bootstrap_ci95_low'], delta['bootstrap_ci95_high'])}; {why}."
+        f"delta {_fmt(delta['mean'], True)}, 95% CI over {seeds} seed(s) "
+        f"{_interval(delta['ci95_low'], delta['ci95_high'])}, bootstrap over {n_test} test images "
+        f"{_interval(delta['bootstrap_ci95_low'], delta['bootstrap_ci95_high'])}"
     )
 
 
-def _counts_table(real: dict[str, dict[str, int]], quality: dict[str, Any], used: dict[str, int], classes: list[str]) -> list[str]:
+def _verdict_line(retrain: dict[str, Any]) -> str:
+    primary = retrain["primary_metric"]
+    delta = retrain["delta"][primary]
+    return (
+        f"**Verdict on {primary}: {retrain['verdict']}**: "
+        f"{_delta_text(delta, len(retrain['seeds']), retrain['n_test'])}; {WHY.get(retrain['verdict'], '')}."
+    )
+
+
+def _condition_line(name: str, condition: dict[str, Any], primary: str, seeds: int, n_test: int) -> str:
+    """One verdict line of a sweep condition."""
+    verdict = condition["verdict"]
+    return (
+        f"- {name}: **{verdict}**: {_delta_text(condition['delta'][primary], seeds, n_test)}; {WHY.get(verdict, '')}."
+    )
+
+
+def _synthetic_count(condition: dict[str, Any]) -> str:
+    """``77`` or ``77 of 152 requested`` when the filtered pool ran short."""
+    if condition["n_synthetic"] < condition["n_synthetic_requested"]:
+        return f"{condition['n_synthetic']} of {condition['n_synthetic_requested']} requested"
+    return str(condition["n_synthetic"])
+
+
+def _few_seeds_note(seeds: int) -> list[str]:
+    if seeds >= 3:
+        return []
+    return [
+        f"With {seeds} seed(s) the seed interval is {'absent' if seeds < 2 else 'very wide'}: "
+        "add seeds (retrain.sweep_seeds) to resolve small effects.",
+        "",
+    ]
+
+
+def ratio_section(retrain: dict[str, Any]) -> list[str]:
+    """Markdown lines of the ratio sweep (table, plot, verdict lines), or a note when off."""
+    sweep = retrain.get("ratio_sweep") or {}
+    conditions = sweep.get("conditions") or []
+    lines = ["## How much synthetic data? (ratio sweep)", ""]
+    if not conditions:
+        return lines + ["Not run: set `retrain.ratios` (e.g. `[0, 0.5, 1, 2]`) in pipelines.yaml.", ""]
+    primary = retrain["primary_metric"]
+    seeds = len(sweep["seeds"])
+    lines += [
+        f"The {retrain['n_real_train']} real train images plus ratio × as many filtered synthetic images "
+        "(stratified by class; a larger ratio adds images to a smaller one's), each ratio compared with "
+        f"ratio 0 (real only), paired by seed: {seeds} seed(s) × {sweep['steps']} steps, batch "
+        f"{retrain['batch_size']}, evaluated on {retrain['n_test']} real test images.",
+        "",
+        f"| ratio | synthetic images | {primary} | delta vs real only | delta 95% CI (seeds) "
+        "| delta 95% CI (bootstrap) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in conditions:
+        name = f"{c['ratio']:g}" + (" (real only)" if c["ratio"] == 0 else "")
+        if c["delta"] is None:
+            cells = ["", "", "", "baseline"]
+        else:
+            d = c["delta"][primary]
+            cells = [
+                _fmt(d["mean"], True),
+                _interval(d["ci95_low"], d["ci95_high"]),
+                _interval(d["bootstrap_ci95_low"], d["bootstrap_ci95_high"]),
+                c["verdict"],
+            ]
+        lines.append(
+            f"| {name} | {_synthetic_count(c)} | {_mean_ci(c['metrics'][primary])} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", f"![{primary} vs synthetic:real ratio]({RATIO_PLOT})", "", f"Verdicts on {primary}:", ""]
+    lines += [
+        _condition_line(f"ratio {c['ratio']:g}", c, primary, seeds, retrain["n_test"])
+        for c in conditions
+        if c["delta"] is not None
+    ]
+    lines.append("")
+    short = [c for c in conditions if c["n_synthetic"] < c["n_synthetic_requested"]]
+    if short:
+        lines += [
+            "Not enough filtered synthetic images for ratio(s) "
+            + ", ".join(f"{c['ratio']:g} (effective {c['effective_ratio']:.2f})" for c in short)
+            + ": those runs used all there were; synthesize more (synthesis.count_per_class) to test them.",
+            "",
+        ]
+    return lines + _few_seeds_note(seeds)
+
+
+def low_data_section(retrain: dict[str, Any]) -> list[str]:
+    """Markdown lines of the low-data regime (table, plot, verdict lines), or a note when off."""
+    sweep = retrain.get("low_data") or {}
+    conditions = sweep.get("conditions") or []
+    lines = ["## Low-data regime", ""]
+    if not conditions:
+        return lines + ["Not run: set `retrain.real_fractions` (e.g. `[0.1, 0.25, 1.0]`) in pipelines.yaml.", ""]
+    primary = retrain["primary_metric"]
+    seeds = len(sweep["seeds"])
+    lines += [
+        "A fraction of the real train split, stratified by class and spread over subjects (a different "
+        "subset per seed, nested across fractions), real only vs plus "
+        f"{sweep['synthetic_ratio']:g} × as many filtered synthetic images, paired by seed: {seeds} seed(s) × "
+        f"{sweep['steps']} steps, batch {retrain['batch_size']} (or the whole set when smaller), evaluated on "
+        f"{retrain['n_test']} real test images.",
+        "",
+        f"| real fraction | real images | synthetic images | real only ({primary}) | real + synthetic | delta "
+        "| delta 95% CI (seeds) | delta 95% CI (bootstrap) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in conditions:
+        d = c["delta"][primary]
+        lines.append(
+            f"| {c['fraction']:g} | {c['n_real']} | {_synthetic_count(c)} | {_mean_ci(c['real_only'][primary])} | "
+            f"{_mean_ci(c['augmented'][primary])} | {_fmt(d['mean'], True)} | {_interval(d['ci95_low'], d['ci95_high'])} | "
+            f"{_interval(d['bootstrap_ci95_low'], d['bootstrap_ci95_high'])} | {c['verdict']} |"
+        )
+    lines += [
+        "",
+        f"![{primary} vs fraction of the real train split]({FRACTION_PLOT})",
+        "",
+        f"Verdicts on {primary}:",
+        "",
+    ]
+    lines += [
+        _condition_line(
+            f"real fraction {c['fraction']:g} ({c['n_real']} real images)", c, primary, seeds, retrain["n_test"]
+        )
+        for c in conditions
+    ]
+    lines += [
+        "",
+        "Caveat: the generator was trained on the whole real train split, so below fraction 1 the synthetic "
+        "images carry information from real images the real-only model never sees; a benefit there "
+        "overstates what a generator trained on that fraction alone would bring.",
+        "",
+    ]
+    return lines + _few_seeds_note(seeds)
+
+
+def _counts_table(
+    real: dict[str, dict[str, int]], quality: dict[str, Any], used: dict[str, int], classes: list[str]
+) -> list[str]:
     splits = [s for s in ("train", "val", "test") if s in real] + sorted(set(real) - {"train", "val", "test"})
     per_class = quality.get("per_class", {})
-    header = [*(f"real {s}" for s in splits), "synthetic generated", "dropped (sanity)", "dropped (label)", "kept",
-              "used in retrain"]
+    header = [
+        *(f"real {s}" for s in splits),
+        "synthetic generated",
+        "dropped (sanity)",
+        "dropped (label)",
+        "kept",
+        "used in retrain",
+    ]
     lines = ["| class | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     labels = list(classes) + sorted((set(per_class) | {lab for c in real.values() for lab in c}) - set(classes))
     for label in labels:
@@ -232,8 +518,11 @@ def render_markdown(
     real_counts: dict[str, dict[str, int]],
     card: dict[str, Any] | None,
     card_path: str,
+    rejects: int | None = None,
+    rejects_path: str = "rejects.json",
 ) -> str:
-    """The report's Markdown (pure function of its inputs)."""
+    """The report's Markdown (pure function of its inputs). ``rejects``: how many inputs
+    ingest refused (None: unknown)."""
     lower = set(retrain.get("lower_is_better", []))
     seeds = retrain["seeds"]
     lines = [f"# synthmed report: {pipeline}", ""]
@@ -267,11 +556,20 @@ def render_markdown(
         "",
         _verdict_line(retrain),
         "",
+        "'no measurable effect' means the 95% intervals include zero at this budget; it is not evidence "
+        "that there is no effect.",
+        "",
+        *ratio_section(retrain),
+        *low_data_section(retrain),
         "## Data",
         "",
         *_counts_table(real_counts, quality, retrain.get("synthetic_used_per_class", {}), retrain.get("classes", [])),
         "",
     ]
+    if rejects is None:
+        lines += [f"No `{rejects_path}`: the number of inputs ingest refused is unknown.", ""]
+    else:
+        lines += [f"Ingest rejected {rejects} input(s); files and reasons are listed in `{rejects_path}`.", ""]
     classifier = quality.get("label_classifier")
     if classifier and classifier.get("val_accuracy") is not None:
         drop = classifier.get("val_would_drop_fraction")
@@ -283,6 +581,7 @@ def render_markdown(
         ]
     elif classifier:
         lines += ["Label-consistency filter: no labelled val split, so its accuracy is unknown.", ""]
+    lines += [quality_markdown(quality)]
     lines += ["## Generator", ""]
     if card is None:
         lines += [f"No model card at `{card_path}`; the generator is not described here.", ""]
@@ -315,9 +614,14 @@ def render_markdown(
 
 
 # --------------------------------------------------------------------------- stage
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the project root when inside it (no machine paths in the report)."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
-    """Write ``report.md`` and the two PNG grids; returns ``{"report": path, "markdown":
-    text, "images": [paths], "table": [row dicts of the metrics table]}``."""
+    """Write ``report.md``, the two PNG grids and the sweep plots; returns ``{"report": path,
+    "markdown": text, "images": [paths], "table": [row dicts of the metrics table]}``."""
     retrain = read_metrics(paths.metrics / "retrain.json", "retrain")
     quality = read_metrics(paths.metrics / "quality.json", "filter")
     real_counts = read_manifest(paths.real)["class_counts"]
@@ -326,6 +630,7 @@ def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     card = read_card_summary(card_path)
     if card is None:
         logger.info("%s: no generator card; the report leaves the generator out", card_path)
+    rejects = count_rejects(paths.rejects)
 
     per_class = cfg.report.grid_per_class
     paths.reports.mkdir(parents=True, exist_ok=True)
@@ -334,9 +639,28 @@ def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         picture = render_grid(pick_rows(dataset, splits, classes, per_class), per_class)
         save_png(picture, paths.reports / name)
         images.append(str(paths.reports / name))
+    for name, key, render in (
+        (RATIO_PLOT, "ratio_sweep", render_ratio_plot),
+        (FRACTION_PLOT, "low_data", render_fraction_plot),
+    ):
+        plot_path = paths.reports / name
+        if (retrain.get(key) or {}).get("conditions"):
+            write_bytes_atomic(render(retrain), plot_path)
+            images.append(str(plot_path))
+        else:
+            plot_path.unlink(missing_ok=True)  # a plot of an earlier run would not match this report
 
-    shown_card_path = card_path.relative_to(paths.root).as_posix() if card_path.is_relative_to(paths.root) else str(card_path)
-    markdown = render_markdown(paths.pipeline, cfg.description, retrain, quality, real_counts, card, shown_card_path)
+    markdown = render_markdown(
+        paths.pipeline,
+        cfg.description,
+        retrain,
+        quality,
+        real_counts,
+        card,
+        _shown(card_path, paths.root),
+        rejects=rejects,
+        rejects_path=_shown(paths.rejects, paths.root),
+    )
     report_path = paths.reports / REPORT_NAME
     write_text_atomic(markdown, report_path)
     logger.info("report: %s (verdict: %s)", report_path, retrain["verdict"])

@@ -47,15 +47,19 @@ import io
 import logging
 import math
 import multiprocessing
+import pickle
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from generators.errors import DataError
+from generators.errors import DataError, SynthmedError
 from generators.shards import BASE_COLUMNS, decode_table, iter_tables, read_table, write_json_atomic
 from tasks import downstream
 from tasks.config import PipelineConfig
@@ -441,9 +445,11 @@ def train_and_test(inputs: RunInputs, run: Run) -> RunResult:
 _WORKER_INPUTS: RunInputs | None = None
 
 
-def _init_worker(inputs: RunInputs) -> None:
+def _init_worker(inputs_file: str) -> None:
+    """Load the pickled :class:`RunInputs` this stage wrote for its own workers."""
     global _WORKER_INPUTS
-    _WORKER_INPUTS = inputs
+    with open(inputs_file, "rb") as handle:
+        _WORKER_INPUTS = pickle.load(handle)  # noqa: S301 - written by this process a moment ago
 
 
 def _run_in_worker(run: Run) -> RunResult:
@@ -477,16 +483,30 @@ def execute_runs(inputs: RunInputs, runs: Sequence[Run], workers: int) -> dict[R
         for run in queue:
             record(run, train_and_test(inputs, run))
         return results
-    context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(queue)), mp_context=context, initializer=_init_worker, initargs=(inputs,)
-    )
-    try:
-        futures = {pool.submit(_run_in_worker, run): run for run in queue}
-        for future in as_completed(futures):
-            record(futures[future], future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    # the arrays go through a file, not the spawn pipe: a worker that dies while starting
+    # then breaks the pool (an error) instead of leaving this process blocked on the pipe
+    with tempfile.TemporaryDirectory(prefix="synthmed-retrain-") as tmp:
+        inputs_file = Path(tmp) / "inputs.pkl"
+        with open(inputs_file, "wb") as handle:
+            pickle.dump(inputs, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(queue)),
+            mp_context=multiprocessing.get_context("spawn"),  # fork after torch started threads can hang
+            initializer=_init_worker,
+            initargs=(str(inputs_file),),
+        )
+        try:
+            futures = {pool.submit(_run_in_worker, run): run for run in queue}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BrokenProcessPool as exc:
+            raise SynthmedError(
+                f"a retrain worker process died ({exc}); expected it to finish: check memory, and that a "
+                "script calling the stage guards it with `if __name__ == '__main__':`, or set threads: 1 "
+                "to train in this process"
+            ) from exc
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 

@@ -28,6 +28,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -210,12 +211,27 @@ def iter_shards(generator: Generator, plans: list[ShardPlan], batch_size: int, d
         yield generate_shard(generator, plan, batch_size, dtype)
 
 
+def generation_code_digest() -> str:
+    """sha256 over the code that decides a synthetic shard's bytes: this module,
+    ``tasks/runtime.py`` and the whole ``generators`` package (networks, weights, shard
+    encoding). Edits elsewhere (other stages) leave interrupted shards resumable."""
+    base = Path(__file__).resolve().parent.parent
+    files = [
+        base / "tasks" / "synthesize.py",
+        base / "tasks" / "runtime.py",
+        *sorted((base / "generators").rglob("*.py")),
+    ]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(base).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def resume_key(generator: Generator, provenance: dict[str, Any], *, dtype: str, device: str, threads: int) -> str:
     """Digest of everything that fixes the shards' bytes: the card (weights sha256
     included), the plan (``provenance``: counts, seed, shard_rows, batch_size), the pixel
-    dtype, device, torch threads and version, and the stage code."""
-    from tasks.stages import code_digest
-
+    dtype, device, torch threads and version, and the generation code."""
     payload = {
         "card": generator.card.model_dump(mode="json"),
         "plan": provenance,
@@ -223,7 +239,7 @@ def resume_key(generator: Generator, provenance: dict[str, Any], *, dtype: str, 
         "device": device,
         "threads": threads,
         "torch": torch.__version__,
-        "code": code_digest(),
+        "code": generation_code_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 

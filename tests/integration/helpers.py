@@ -47,7 +47,7 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, timeout_s: float = 300) -> str:
+def cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, timeout_s: float = 600) -> str:
     """Run a command (``synthmed``, ``dvc``, ``git``, ``prefect``) with the test
     environment plus ``extra_env``; fail with its output when it exits non-zero."""
     proc = subprocess.run(

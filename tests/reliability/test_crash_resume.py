@@ -144,8 +144,8 @@ def done_records(paths) -> list[Path]:
 
 @pytest.mark.integration
 def test_synthesize_killed_twice_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    cfg, paths = trained_project(tmp_path, "crash", count_per_class=200, shard_rows=4, batch_size=4)
-    total = len(plan_shards({"disc": 200, "ring": 200, "square": 200}, 4, cfg.synthesis.seed))
+    cfg, paths = trained_project(tmp_path, "crash", count_per_class=100, shard_rows=4, batch_size=4)
+    total = len(plan_shards({"disc": 100, "ring": 100, "square": 100}, 4, cfg.synthesis.seed))
 
     synthesize(cfg, paths)  # the uninterrupted run, in this process
     expected_manifest, expected_digest = read_manifest(paths.synthetic), dataset_digest(paths.synthetic)
@@ -190,7 +190,7 @@ def test_synthesize_killed_twice_resumes_to_the_uninterrupted_result(tmp_path: P
     assert dataset_digest(paths.synthetic) == expected_digest
     assert digest_path(paths.synthetic) == expected_stage_digest
     ids = read_table(paths.synthetic, columns=["id"]).column("id").to_pylist()
-    assert ids == expected_ids and len(set(ids)) == len(ids) == 600
+    assert ids == expected_ids and len(set(ids)) == len(ids) == 300
     on_disk = sorted(p.name for p in paths.synthetic.iterdir())
     assert on_disk == sorted([MANIFEST_NAME, *(s["file"] for s in manifest["shards"])])  # no temp, no records
     assert partial_dirs(paths) == []

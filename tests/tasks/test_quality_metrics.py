@@ -160,6 +160,12 @@ def test_ms_ssim_scales_fall_back_for_small_images() -> None:
     assert settings.scales == 3 and sum(settings.weights) == pytest.approx(1.0)
     assert settings.weights[0] == pytest.approx(0.0448 / (0.0448 + 0.2856 + 0.3001))
     assert quality_metrics.ms_ssim_settings(32, 32).scales == 2
+    assert quality_metrics.ms_ssim_settings(16, 16).scales == 1  # 8x8 would not hold the 11-px kernel
+    assert quality_metrics.ms_ssim_settings(16, 16).weights == (1.0,)
+    tiny = np.random.default_rng(5).uniform(size=(2, 1, 16, 16)).astype(np.float32)
+    assert np.isfinite(
+        quality_metrics.ms_ssim_pairs(tiny[:1], tiny[1:], quality_metrics.ms_ssim_settings(16, 16))
+    ).all()
     with pytest.raises(DataError, match="lower quality.metrics.ms_ssim_kernel_size"):
         quality_metrics.ms_ssim_settings(8, 8)
 
@@ -352,3 +358,44 @@ def test_gate_fails_after_writing_and_real_features_are_cached(planted, monkeypa
 def test_gate_config_needs_its_inputs() -> None:
     with pytest.raises(ValueError, match="gate.max_fid needs metrics.enabled"):
         stage_config(gate={"max_fid": 1.0}, metrics={"enabled": False})
+
+
+def test_nearest_neighbour_filters_on_vectors() -> None:
+    from tasks.config import DuplicateFilter, MemorisationFilter
+    from tasks.nn_filters import (
+        duplicate_filter,
+        memorisation_filter,
+        real_reference,
+        space_vectors,
+        subject_groups,
+        threshold,
+    )
+
+    images = np.zeros((2, 1, 4, 4), np.float32)
+    images[1] += 0.5
+    vectors = space_vectors("pixel", images, None)
+    assert np.linalg.norm(vectors[1] - vectors[0]) == pytest.approx(0.5)  # RMSE of the pixels
+
+    groups, kind = subject_groups(["a", "a", "b", "c"])
+    assert groups.tolist() == [0, 0, 1, 2] and kind == "nearest real train image of another subject"
+    assert subject_groups(["a", "a"])[0].tolist() == [0, 1]  # one subject: any other image
+    real = np.array([[0.0], [0.1], [1.0], [3.0]])
+    reference = real_reference(real, groups)
+    assert reference.tolist() == pytest.approx([1.0, 0.9, 0.9, 2.0])  # rows 0 and 1 share a subject
+    calibrated = threshold(MemorisationFilter(calibration_quantile=0.0, calibration_scale=0.5), reference, kind)
+    assert calibrated["threshold"] == pytest.approx(0.45) and calibrated["threshold_source"] == "calibrated"
+    absolute = threshold(MemorisationFilter(max_distance=0.2), reference, kind)
+    assert absolute["threshold"] == 0.2 and absolute["reference"]["n"] == 4
+
+    # rows 0..4; row 3 is unscorable (not usable); row 1 copies a real vector
+    usable = np.array([0, 1, 2, 4])
+    memo = memorisation_filter(MemorisationFilter(), absolute, 5, usable, np.array([[2.0], [1.05], [5.0], [0.5]]), real)
+    assert memo.keep.tolist() == [True, False, True, False, True]
+    assert np.isnan(memo.column[3]) and memo.info["n_below_threshold"] == 1 and memo.info["n_scored"] == 4
+
+    in_running = np.array([True, True, False, True, True])
+    candidates = np.array([0, 1, 4])
+    dup = duplicate_filter(DuplicateFilter(), absolute, 5, candidates, np.array([[0.0], [0.1], [0.05]]), in_running)
+    # 0 kept, 1 and 4 close to it; 2 left to an earlier filter; 3 in the running but unscorable
+    assert dup.keep.tolist() == [True, False, True, False, False]
+    assert dup.info["n_dropped"] == 2 and dup.column[0] == pytest.approx(0.05) and np.isnan(dup.column[2])
