@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # one line per HTTP call to the local Prefect API is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except SynthmedError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -136,6 +137,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from generators.conformance import check_conformance
+    from generators.ship import ship_generator
+
+    out = Path(args.out)
+    config = Path(args.config).resolve()
+    card = ship_generator(config.parent, args.pipeline, args.id, out, config=config)
+    report = check_conformance(out / "card.yaml")
+    if not report.passed:
+        print(report.summary(), file=sys.stderr)
+        return 1
+    measured = ", ".join(f"{k} {m.value:.4g}" for k, m in card.metrics.items())
+    print(f"wrote {out / 'card.yaml'} ({card.ref}; conformance ok): {measured}")
+    return 0
+
+
 def cmd_import_bundle(args: argparse.Namespace) -> int:
     from generators.bundle import import_bundle, install_bundle
     from generators.conformance import register
@@ -241,6 +258,15 @@ def add_generator_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="output directory (new)")
     _code_flag(export)
     export.set_defaults(func=cmd_export)
+
+    ship = gsub.add_parser(
+        "ship", help="copy a pipeline's trained generator to a zoo folder, with the run's measured metrics on its card"
+    )
+    ship.add_argument("--pipeline", required=True)
+    ship.add_argument("--config", default="pipelines.yaml")
+    ship.add_argument("--id", required=True, help="card id of the shipped generator, e.g. synthmed/mni152-cgan")
+    ship.add_argument("--out", required=True, help="folder for card.yaml + weights, e.g. generators/zoo/mni152_cgan")
+    ship.set_defaults(func=cmd_ship)
 
     bundle = gsub.add_parser("import-bundle", help="import a MONAI bundle directory into the user registry")
     bundle.add_argument("bundle", help="bundle root (configs/metadata.json, configs/inference.json, models/model.pt)")

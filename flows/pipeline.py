@@ -44,14 +44,19 @@ def _retry_only_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Cache on the stage fingerprint, but only while its outputs on disk still match."""
+def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache on the stage fingerprint (its params, input content and code). The flow
+    refreshes the entry whenever the outputs on disk no longer match (``_outputs_current``),
+    so a cache hit never stands in for deleted or edited outputs."""
     verb, config, pipeline = parameters["verb"], Path(parameters["config"]), parameters["pipeline"]
     cfg = load_pipeline(pipeline, config)
     paths = PipelinePaths(config.resolve().parent, pipeline)
-    if up_to_date(verb, cfg, paths) is None:
-        return None
     return f"synthmed-{pipeline}-{verb}-{fingerprint(verb, cfg, paths)}"
+
+
+def _outputs_current(verb: str, pipeline: str, config: str) -> bool:
+    cfg = load_pipeline(pipeline, config)
+    return up_to_date(verb, cfg, PipelinePaths(Path(config).resolve().parent, pipeline)) is not None
 
 
 @task(
@@ -122,7 +127,10 @@ def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     cfg = load_pipeline(params.pipeline, params.config)  # fail fast with a readable config error
     summaries: dict[str, Any] = {}
     for verb in ORDER:
-        summaries[verb] = stage(verb, params.pipeline, str(params.config), params.shard_workers)
+        current = _outputs_current(verb, params.pipeline, str(params.config))
+        summaries[verb] = stage.with_options(refresh_cache=not current)(
+            verb, params.pipeline, str(params.config), params.shard_workers
+        )
     versions = None
     if params.dvc_commit:
         from flows.versioning import commit_outputs

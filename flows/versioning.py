@@ -12,6 +12,7 @@ import logging
 import shlex
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,12 +38,25 @@ def repo_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def dvc(root: Path, *args: str, timeout_s: float = 1800) -> str:
+DVC_LOCK_WAIT_S = 300.0  # how long to wait for another DVC process (e.g. a user's push) to finish
+
+
+def dvc(root: Path, *args: str, timeout_s: float = 1800, lock_wait_s: float = DVC_LOCK_WAIT_S) -> str:
     """Run ``dvc ARGS`` in ``root``; raises SynthmedError (TransientError for push/pull
-    network failures) with DVC's own last error line."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, timeout=timeout_s
-    )
+    network failures) with DVC's own last error line. While another DVC process holds
+    the repository lock (DVC fails at once with "Unable to acquire lock"), retries with
+    backoff for up to ``lock_wait_s`` seconds."""
+    deadline, pause = time.monotonic() + lock_wait_s, 0.5
+    while True:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, timeout=timeout_s
+        )
+        locked = proc.returncode != 0 and "unable to acquire lock" in (proc.stderr + proc.stdout).lower()
+        if not locked or time.monotonic() + pause > deadline:
+            break
+        log.info("dvc %s: the repository is locked by another DVC process; retrying in %.1f s", args[0], pause)
+        time.sleep(pause)
+        pause = min(pause * 2, 10.0)
     if proc.returncode != 0:
         last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
         error = TransientError if args and args[0] in ("push", "pull", "fetch") else SynthmedError

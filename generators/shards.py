@@ -270,6 +270,17 @@ def write_json_atomic(data: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 probes without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Replace ``target`` by ``staging`` with two renames; the old version is removed last."""
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
@@ -326,11 +337,20 @@ class DatasetWriter:
         self._resumable: dict[str, dict[str, Any]] = {}
         self.resumed = 0  # shards taken over from an interrupted run
         if resume_key is None:
-            self.staging = self.target.with_name(f".{self.target.name}.staging-{uuid.uuid4().hex}")
+            self._remove_orphaned_staging()
+            self.staging = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}-{uuid.uuid4().hex}")
             self.staging.mkdir()
         else:
             self.staging = self.target.with_name(f".{self.target.name}.partial-{resume_key}")
             self._prepare_partial()
+
+    def _remove_orphaned_staging(self) -> None:
+        """Remove staging dirs of this target left by killed processes (their pid, the
+        first part of the name, is no longer running); a live writer's dir is kept."""
+        for other in self.target.parent.glob(f".{self.target.name}.staging-*"):
+            pid = other.name.rsplit(".staging-", 1)[1].split("-", 1)[0]
+            if not pid.isdigit() or not _process_alive(int(pid)):
+                shutil.rmtree(other, ignore_errors=True)
 
     # ------------------------------------------------------------------ resume
     def _prepare_partial(self) -> None:

@@ -19,6 +19,7 @@ CLI ``--allow-code``).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import zipfile
@@ -34,7 +35,7 @@ from generators.contract import GeneratedBatch
 from generators.errors import GeneratorError
 from generators.latent import LatentModule, latent_module, sample_latent
 from generators.shards import sha256_file
-from generators.weights import verify_sha256
+from generators.weights import read_verified
 
 log = logging.getLogger(__name__)
 CARD_EXTRA = "synthmed_card.json"
@@ -167,13 +168,13 @@ class TorchScriptGenerator:
             raise GeneratorError(
                 f"{card.ref}: network.conditional must be true exactly when conditioning.labels is set"
             )
-        verify_sha256(weights, card.weights.sha256)
+        weights_bytes = read_verified(weights, card.weights.sha256)
         log.warning("%s: loading TorchScript (compiled code) because allow_code was given", card.ref)
         self.card = card
         self.labels = list(card.conditioning.labels)
         self.device = torch.device(device)
         try:
-            self.module = torch.jit.load(str(weights), map_location=self.device).eval()
+            self.module = torch.jit.load(io.BytesIO(weights_bytes), map_location=self.device).eval()
         except RuntimeError as exc:
             raise GeneratorError(f"{weights}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
 

@@ -150,7 +150,7 @@ def train_cgan(
         opt_d.load_state_dict(state["opt_d"])
         rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-        history = [dict(zip(("epoch", "loss_d", "loss_g"), row)) for row in state["history"].tolist()]
+        history = [dict(zip(("epoch", "loss_d", "loss_g"), row, strict=True)) for row in state["history"].tolist()]
         start_epoch = int(state["epoch"])
         log.info("resuming generator training at epoch %d from %s", start_epoch, checkpoint)
 
@@ -197,9 +197,9 @@ def train_cgan(
             global_step += 1
             decay = min(ema_decay, (1.0 + global_step) / (10.0 + global_step))  # warm-up
             with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), gen_net.parameters()):
+                for p_ema, p in zip(ema.parameters(), gen_net.parameters(), strict=True):
                     p_ema.lerp_(p, 1.0 - decay)
-                for b_ema, b in zip(ema.buffers(), gen_net.buffers()):
+                for b_ema, b in zip(ema.buffers(), gen_net.buffers(), strict=True):
                     b_ema.copy_(b)
             sums["loss_d"] += float(loss_d.detach())
             sums["loss_g"] += float(loss_g.detach())

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 from generators.errors import GeneratorError, IntegrityError
 from generators.shards import sha256_file
@@ -21,11 +24,27 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> str:
 
 def verify_sha256(path: Path, expected: str | None) -> None:
     """Raise IntegrityError unless ``path`` exists and hashes to ``expected``."""
+    _check_present(path, expected)
+    _check_digest(path, sha256_file(path), expected)
+
+
+def read_verified(path: Path, expected: str | None) -> bytes:
+    """The bytes of ``path``, read once and checked against ``expected``: what is
+    deserialised is exactly what was hashed (no window to swap the file in between)."""
+    _check_present(path, expected)
+    data = Path(path).read_bytes()
+    _check_digest(path, hashlib.sha256(data).hexdigest(), expected)
+    return data
+
+
+def _check_present(path: Path, expected: str | None) -> None:
     if not Path(path).is_file():
         raise GeneratorError(f"{path}: weights file not found; restore it (dvc pull) or fix the card's weights.file")
     if not expected:
         raise IntegrityError(f"{path}: the card records no sha256 for its weights; add weights.sha256 to the card")
-    actual = sha256_file(path)
+
+
+def _check_digest(path: Path, actual: str, expected: str) -> None:
     if actual != expected:
         raise IntegrityError(
             f"{path}: sha256 {actual[:12]}... does not match the card's {expected[:12]}...; "
@@ -35,12 +54,17 @@ def verify_sha256(path: Path, expected: str | None) -> None:
 
 def load_weights(path: Path, expected_sha256: str | None, fmt: str = "safetensors") -> dict[str, torch.Tensor]:
     """Verify then load a state dict. ``fmt``: ``safetensors`` or ``torch`` (weights_only)."""
-    verify_sha256(path, expected_sha256)
+    if fmt not in ("safetensors", "torch"):
+        raise GeneratorError(f"unknown weights format '{fmt}'; allowed: safetensors, torch")
+    data = read_verified(path, expected_sha256)
     if fmt == "safetensors":
-        return load_file(str(path), device="cpu")
+        try:
+            return load_safetensors_bytes(data)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise GeneratorError(f"{path}: not a readable safetensors file ({exc}); restore the original") from None
     if fmt == "torch":
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises bare Exception/UnpicklingError variants
             raise GeneratorError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}); refusing to unpickle code") from None
         if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):

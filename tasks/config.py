@@ -35,7 +35,16 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- sources
-class FolderSource(Strict):
+class Described(Strict):
+    """What the images are, copied into the dataset's provenance and from there onto the
+    cards of generators trained on it (so the zoo can search them by modality/anatomy)."""
+
+    modality: str = "unspecified"
+    anatomy: str = "unspecified"
+    licence: str = Field("unspecified", description="licence of the source images, e.g. CC-BY-4.0")
+
+
+class FolderSource(Described):
     """One sub-folder per class holding PNG/JPEG/DICOM/NIfTI files; subject = file stem
     unless ``subject_regex`` extracts it from the file name."""
 
@@ -44,7 +53,7 @@ class FolderSource(Strict):
     subject_regex: str | None = None
 
 
-class CsvSource(Strict):
+class CsvSource(Described):
     """A CSV manifest with columns ``image`` (path), ``label``, ``subject`` and optional
     ``mask``; paths are relative to ``root`` (default: the CSV's folder)."""
 
@@ -53,12 +62,15 @@ class CsvSource(Strict):
     root: str | None = None
 
 
-class Mni152Source(Strict):
+class Mni152Source(Described):
     """The demo source: the real MNI152 2009a T1 template with grey/white-matter
     probability maps, shipped inside nilearn's wheel (BSD-3). Axial slices are labelled by
     anatomical level (MNI z band) and carry a tissue mask (0 background, 1 GM, 2 WM)."""
 
     kind: Literal["mni152"]
+    modality: str = "MRI"
+    anatomy: str = "brain"
+    licence: str = "BSD-3-Clause (MNI ICBM152 2009a template, as shipped in nilearn)"
     levels_mm: tuple[float, ...] = (-20.0, 25.0)
     level_names: tuple[str, ...] = ("inferior", "middle", "superior")
 
@@ -79,7 +91,7 @@ def _check_s3_uri(value: str) -> str:
     return value.rstrip("/")
 
 
-class S3Source(Strict):
+class S3Source(Described):
     """A folder source in an S3 bucket: ``<uri>/<class>/<file>``. Downloaded to
     ``.synthmed/<pipeline>/staging/`` at ingest, then ingested exactly like a ``folder``
     source (same rows as from a local copy). Endpoint and credentials come from the
@@ -282,7 +294,9 @@ class AugmentSpec(Strict):
 
 class RetrainSpec(Strict):
     """Downstream model trained on real-only and real+synthetic with the same budget
-    (optimizer steps) and seeds, evaluated on the real test split.
+    (optimizer steps) and seeds, evaluated on the real test split. With ``select_on_val``
+    (default) each run keeps the weights that score best on the real val split, checked
+    every ``eval_every`` steps (early stopping without stopping: the budget is unchanged).
 
     Optional sweeps (empty = off): ``ratios`` (synthetic:real ratios, each compared with
     real only) and ``real_fractions`` (a stratified fraction of the real train split,
@@ -302,6 +316,12 @@ class RetrainSpec(Strict):
     real_fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = ()
     sweep_seeds: tuple[int, ...] | None = None
     sweep_steps: int | None = Field(None, ge=1)
+    select_on_val: bool = Field(
+        True,
+        description="score the real val split every eval_every steps and keep the best weights "
+        "(balanced accuracy / mean Dice); the test split is never used for selection",
+    )
+    eval_every: int = Field(25, ge=1, description="steps between validation scores when select_on_val")
 
     @model_validator(mode="after")
     def _network_fits_task(self) -> "RetrainSpec":

@@ -187,8 +187,14 @@ def train_model(
     seed: int,
     augment: AugmentSpec | None = None,
     device: torch.device | str = "cpu",
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    eval_every: int = 25,
 ) -> torch.nn.Module:
     """Train ``model`` for exactly ``steps`` Adam steps; returns it (in eval mode).
+
+    With ``val`` = ``(images, targets)`` (same layout as the training arrays) the model is
+    scored on it every ``eval_every`` steps and after the last one, and the weights with
+    the best :func:`validation_score` are returned (the latest wins a tie).
 
     images: float32 ``(N, C, H, W)`` in [0, 1]; targets: int64 ``(N,)`` class indices
     (classification, cross-entropy) or ``(N, H, W)`` mask indices (segmentation, Dice + CE).
@@ -218,6 +224,7 @@ def train_model(
     batch = min(batch_size, n)
     order = rng.permutation(n)
     cursor = 0
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     for step in range(steps):
         if cursor + batch > n:
             order, cursor = rng.permutation(n), 0
@@ -238,7 +245,41 @@ def train_model(
         optimizer.step()
         if step == 0 or (step + 1) % 100 == 0 or step + 1 == steps:
             logger.debug("step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
+        if val is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            score = validation_score(model, val, task=task, batch_size=batch_size, device=device)
+            if best is None or score >= best[0]:
+                best = (score, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            model.train()
+    if best is not None:
+        model.load_state_dict(best[2])
+        logger.debug("kept the weights of step %d (validation score %.4f)", best[1], best[0])
     return model.eval()
+
+
+def validation_score(
+    model: torch.nn.Module,
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    task: Task,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Model-selection score on a held-out split, higher is better: balanced accuracy
+    (classification; targets int64 ``(N,)``) or mean per-image Dice over foreground classes
+    (segmentation; targets ``(N, H, W)``)."""
+    images, targets = val
+    proba = predict_proba(model, images, batch_size=batch_size, device=device)
+    predicted = proba.argmax(axis=1)
+    if task == "classification":
+        num_classes = proba.shape[1]
+        return float(scores_from_confusion(confusion_matrix(targets, predicted, num_classes))["balanced_accuracy"])
+    from monai.metrics import compute_dice
+
+    classes = torch.arange(max(2, proba.shape[1]))[None, :, None, None]
+    truth = (torch.from_numpy(np.asarray(targets, dtype=np.int64))[:, None] == classes).float()
+    pred = (torch.from_numpy(predicted.astype(np.int64))[:, None] == classes).float()
+    dice = compute_dice(pred, truth, include_background=False, ignore_empty=False).double().numpy()
+    return float(np.nan_to_num(dice, nan=0.0).mean())
 
 
 @torch.no_grad()

@@ -734,6 +734,9 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     provenance = {
         "stage": "ingest",
         "source": cfg.source.model_dump(mode="json"),
+        "modality": cfg.source.modality,
+        "anatomy": cfg.source.anatomy,
+        "licence": cfg.source.licence,
         "preprocess": spec.model_dump(mode="json"),
         "seed": cfg.seed,
         "pseudonym": {"method": "hmac-sha256", "key": key_source()},

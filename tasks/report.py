@@ -55,6 +55,16 @@ LABEL_WIDTH_PX = 96
 SETTING_TITLES = {"real_only": "real only", "augmented": "real + synthetic"}
 
 
+def _selection_note(retrain: dict[str, Any]) -> str:
+    n_val = retrain.get("n_val_for_selection") or 0
+    if not n_val:
+        return " Each run keeps its final weights."
+    return (
+        f" Each run keeps the weights that score best on the {n_val} real val images "
+        f"(checked every {retrain.get('eval_every')} steps); the test split is never used to choose."
+    )
+
+
 # --------------------------------------------------------------------------- inputs
 def read_metrics(path: Path, stage: str) -> dict[str, Any]:
     """A metrics JSON file written by ``stage``; a clear error when it is missing."""
@@ -535,7 +545,7 @@ def render_markdown(
         f"{retrain['batch_size']}, lr {retrain['lr']}, seeds {', '.join(map(str, seeds))}. "
         f"*real only*: {retrain['n_real_train']} real train images; *real + synthetic*: plus "
         f"{retrain['n_synthetic_used']} filtered synthetic images (ratio {retrain['synthetic_ratio']}). "
-        f"Both evaluated on {retrain['n_test']} real test images.",
+        f"Both evaluated on {retrain['n_test']} real test images.{_selection_note(retrain)}",
         "",
         "| metric | real only | real + synthetic | delta | delta 95% CI (seeds) | delta 95% CI (bootstrap) |",
         "|---|---|---|---|---|---|",
@@ -587,15 +597,22 @@ def render_markdown(
         lines += [f"No model card at `{card_path}`; the generator is not described here.", ""]
     else:
         time_s = card.get("training_time_s")
+        timing = f"{time_s:.1f} s" if isinstance(time_s, (int, float)) else "not on the card"
         lines += [
             "| id | version | architecture | training time | epochs | training images |",
             "|---|---|---|---|---|---|",
             f"| {card.get('id') or 'n/a'} | {card.get('version') or 'n/a'} | {card.get('architecture') or 'n/a'} | "
-            f"{f'{time_s:.1f} s' if isinstance(time_s, (int, float)) else 'n/a'} | "
+            f"{timing} | "
             f"{card.get('training_epochs') if card.get('training_epochs') is not None else 'n/a'} | "
             f"{card.get('training_images') if card.get('training_images') is not None else 'n/a'} |",
             "",
         ]
+        if not isinstance(time_s, (int, float)):
+            lines += [
+                "Cards the pipeline trains carry no wall time, so their bytes (and DVC hashes) repeat "
+                f"on rerun; this run's training time is in `metrics/{pipeline}/train.json`.",
+                "",
+            ]
         if card.get("intended_use"):
             lines += [f"Intended use: {card['intended_use']}", ""]
     lines += [

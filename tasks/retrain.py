@@ -306,6 +306,23 @@ def load_rows(paths: PipelinePaths, ids: list[str], classes: list[str]) -> downs
     )
 
 
+def _validation_arrays(paths: PipelinePaths, task: str, classes: list[str], wanted: bool) -> dict[str, Any]:
+    """``val_images``/``val_targets`` of the real val split for model selection, or
+    nothing (final weights are used) when not wanted or the split is empty."""
+    if not wanted or not downstream.dataset_labels(paths.real, ["val"]):
+        if wanted:
+            logger.warning("retrain.select_on_val: the real val split is empty; using each run's final weights")
+        return {}
+    val = downstream.load_labelled(paths.real, ["val"], classes)
+    if task == "classification":
+        keep = val.targets >= 0  # val labels unseen in train cannot be scored
+        return {"val_images": val.images[keep], "val_targets": val.targets[keep]} if keep.any() else {}
+    if val.masks is None:
+        logger.warning("retrain.select_on_val: real val rows have no masks; using each run's final weights")
+        return {}
+    return {"val_images": val.images, "val_targets": val.masks}
+
+
 def _load_real(paths: PipelinePaths, task: str):
     """Real train/test, validated, and the train rows' subjects. Returns
     ``(classes, train, test, subjects)``."""
@@ -394,6 +411,8 @@ class RunInputs:
     pool_targets: np.ndarray
     test_images: np.ndarray
     test_targets: np.ndarray
+    val_images: np.ndarray | None = None  # for model selection only (retrain.select_on_val)
+    val_targets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -430,6 +449,8 @@ def train_and_test(inputs: RunInputs, run: Run) -> RunResult:
         seed=run.seed,
         augment=spec.augment,
         device=inputs.device,
+        val=None if inputs.val_images is None else (inputs.val_images, inputs.val_targets),
+        eval_every=spec.eval_every,
     )
     proba = downstream.predict_proba(model, inputs.test_images, batch_size=spec.batch_size, device=inputs.device)
     if spec.task == "classification":
@@ -607,6 +628,7 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         pool_targets=pool_y.astype(np.int64),
         test_images=test.images,
         test_targets=test_y,
+        **_validation_arrays(paths, task, classes, spec.select_on_val),
     )
 
     everything = tuple(range(n_train))
@@ -730,6 +752,8 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             "steps": spec.steps,
             "batch_size": spec.batch_size,
             "lr": spec.lr,
+            "n_val_for_selection": 0 if inputs.val_images is None else int(len(inputs.val_images)),
+            "eval_every": spec.eval_every,
             "synthetic_ratio": spec.synthetic_ratio,
             "n_real_train": n_train,
             "n_synthetic_used": len(main_ids),

@@ -241,7 +241,14 @@ def localize_source(source: Any, paths: PipelinePaths) -> Any:
             "upload the images or fix source.uri"
         )
     log.info("ingest: downloaded %d objects from %s", count, uri)
-    return FolderSource(kind="folder", path=str(dest.resolve()), subject_regex=source.subject_regex)
+    return FolderSource(
+        kind="folder",
+        path=str(dest.resolve()),
+        subject_regex=source.subject_regex,
+        modality=source.modality,
+        anatomy=source.anatomy,
+        licence=source.licence,
+    )
 
 
 def results_dirs(paths: PipelinePaths) -> dict[str, Path]:

@@ -5,6 +5,7 @@ dataset byte-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,21 @@ def test_a_new_key_starts_afresh_and_plain_writers_clean_up_on_error(tmp_path: P
             raise RuntimeError("generator failed")
     assert not plain.staging.exists()
     assert [p["file"] for p in read_manifest(target)["shards"]] == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_a_killed_plain_writers_staging_dir_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited: its pid names an orphan
+    orphan = tmp_path / f".out.staging-{dead_pid}-{'0' * 32}"
+    (orphan / "part-00000.parquet").parent.mkdir(parents=True)
+    (orphan / "part-00000.parquet").write_bytes(b"half a shard")
+    live = tmp_path / f".out.staging-{os.getpid()}-{'1' * 32}"  # a writer still running here
+    live.mkdir()
+    with DatasetWriter(target, shard_rows=3) as writer:
+        write_all(writer, 1, [])
+    assert not orphan.exists() and live.is_dir()
+    assert read_manifest(target)["rows"] == 3
 
 
 # --------------------------------------------------------------------------- the real stage

@@ -332,6 +332,9 @@ def test_mni152_source_ingests_levels_and_tissue_masks(tmp_path: Path) -> None:
     assert z.get("+040", "superior") == "superior"
     manifest_text = (paths.real / "_manifest.json").read_text()
     assert str(tmp_path) not in manifest_text and "site-packages" not in manifest_text
+    provenance = json.loads(manifest_text)["provenance"]  # what trained generators' cards inherit
+    assert (provenance["modality"], provenance["anatomy"]) == ("MRI", "brain")
+    assert provenance["licence"].startswith("BSD-3-Clause")
 
 
 # --------------------------------------------------------------------------- determinism

@@ -56,7 +56,7 @@ def test_classification_writes_both_settings_and_is_deterministic(paths: Pipelin
     delta = summary["delta"]["balanced_accuracy"]
     assert delta["per_seed"] == pytest.approx(
         [a - r for r, a in zip(summary["real_only"]["balanced_accuracy"]["per_seed"],
-                               summary["augmented"]["balanced_accuracy"]["per_seed"])], abs=2e-6
+                               summary["augmented"]["balanced_accuracy"]["per_seed"], strict=True)], abs=2e-6
     )
     assert delta["bootstrap_ci95_low"] <= delta["bootstrap_ci95_high"]
 
@@ -112,3 +112,52 @@ def test_statistics_helpers() -> None:
     assert decide({**above, "ci95_low": None, "ci95_high": None}, lower_is_better=False) == "helped"
     assert allocate(10, {"a": 2, "b": 1}, {"a": 100, "b": 100}) == {"a": 7, "b": 3}
     assert allocate(10, {"a": 2, "b": 1}, {"a": 2, "b": 100}) == {"a": 2, "b": 3}
+
+
+def test_validation_selection_keeps_the_best_scoring_weights(paths: PipelinePaths) -> None:
+    """train_model with ``val`` returns the checkpoint with the best validation score; it
+    can only be at least as good on val as the final weights, and with val the summary
+    records how many val images chose the weights."""
+    import torch
+
+    from tasks import downstream
+
+    real_train = downstream.load_labelled(paths.real, ["train"], ["disc", "ring", "square"])
+    val = downstream.load_labelled(paths.real, ["val"], ["disc", "ring", "square"])
+    val_pair = (val.images, val.targets)
+
+    def fit(with_val: bool) -> torch.nn.Module:
+        model = downstream.build_network("classification", "densenet", 1, 3)
+        return downstream.train_model(
+            model, real_train.images, real_train.targets, task="classification", steps=10, batch_size=8,
+            lr=3e-3, seed=0, val=val_pair if with_val else None, eval_every=2,
+        )
+
+    final, selected = fit(False), fit(True)
+    score = lambda m: downstream.validation_score(m, val_pair, task="classification")  # noqa: E731
+    assert 0.0 <= score(final) <= score(selected) <= 1.0
+
+    summary = retrain(make_config(seeds=[0]), paths)
+    assert summary["n_val_for_selection"] == 6 and summary["eval_every"] == 25
+    assert retrain(make_config(seeds=[0], select_on_val=False), paths)["n_val_for_selection"] == 0
+
+
+def test_validation_score_for_segmentation_is_mean_foreground_dice() -> None:
+    import torch
+
+    from tasks import downstream
+
+    class Perfect(torch.nn.Module):  # logits that reproduce a fixed mask exactly
+        def __init__(self, masks: np.ndarray) -> None:
+            super().__init__()
+            self.masks = torch.from_numpy(masks)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(self.masks[: x.shape[0]], 2).permute(0, 3, 1, 2).float() * 10
+
+    masks = np.zeros((2, 8, 8), np.int64)
+    masks[:, 2:6, 2:6] = 1
+    images = np.zeros((2, 1, 8, 8), np.float32)
+    assert downstream.validation_score(Perfect(masks), (images, masks), task="segmentation") == pytest.approx(1.0)
+    shifted = np.roll(masks, 2, axis=2)  # half the square overlaps: Dice 0.5
+    assert downstream.validation_score(Perfect(shifted), (images, masks), task="segmentation") == pytest.approx(0.5)
