@@ -231,8 +231,9 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
 
 def test_two_process_gloo_training_keeps_the_ranks_in_step(tmp_path):
     """Each rank sees different images; only averaged gradients keep the weights equal."""
-    # fork: the children inherit the imported modules (a spawned child re-imports MONAI, ~10 s)
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: in a full test session other threads are running (the session's
+    # Prefect test server), and a forked child inherits their locks half-held and dies
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     single = train_generator(TrainSpec(**{**TINY, "epochs": 3, **CASES["vae"][0]}), phantoms())
     assert (tmp_path / "ddp.ckpt").is_file()  # written by rank 0

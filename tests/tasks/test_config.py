@@ -28,7 +28,7 @@ def test_shipped_pipelines_validate():
     ("snippet", "expected"),
     [
         ("source: {kind: mni152, levls_mm: [1]}\n    generator: {train: {}}",
-         "pipelines.demo.source.mni152.levls_mm: unknown key; allowed: kind, level_names, levels_mm (did you mean 'levels_mm'?)"),
+         "pipelines.demo.source.mni152.levls_mm: unknown key; allowed: anatomy, kind, level_names, levels_mm, licence, modality (did you mean 'levels_mm'?)"),
         ("source: {kind: mni152}\n    generator: {train: {epochz: 3}}", "(did you mean 'epochs'?)"),
         ("source: {kind: mni152}\n    generator: {train: {}}\n    retrain: {task: segmentaton}",
          "allowed: 'classification' or 'segmentation' (did you mean 'segmentation'?)"),
