@@ -16,7 +16,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
 from generators.errors import TransientError
-from tasks.config import load_pipeline
+from tasks.config import PipelineConfig, load_pipeline
 from tasks.paths import PipelinePaths
 from tasks.stages import ORDER, fingerprint, run_stage, up_to_date
 
@@ -44,19 +44,22 @@ def _retry_only_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _pipeline(pipeline: str, config: str | Path) -> tuple[PipelineConfig, PipelinePaths]:
+    """The validated pipeline and its paths (outputs live next to the pipelines file)."""
+    return load_pipeline(pipeline, config), PipelinePaths(Path(config).resolve().parent, pipeline)
+
+
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache on the stage fingerprint (its params, input content and code). The flow
     refreshes the entry whenever the outputs on disk no longer match (``_outputs_current``),
     so a cache hit never stands in for deleted or edited outputs."""
-    verb, config, pipeline = parameters["verb"], Path(parameters["config"]), parameters["pipeline"]
-    cfg = load_pipeline(pipeline, config)
-    paths = PipelinePaths(config.resolve().parent, pipeline)
+    verb, pipeline = parameters["verb"], parameters["pipeline"]
+    cfg, paths = _pipeline(pipeline, parameters["config"])
     return f"synthmed-{pipeline}-{verb}-{fingerprint(verb, cfg, paths)}"
 
 
 def _outputs_current(verb: str, pipeline: str, config: str) -> bool:
-    cfg = load_pipeline(pipeline, config)
-    return up_to_date(verb, cfg, PipelinePaths(Path(config).resolve().parent, pipeline)) is not None
+    return up_to_date(verb, *_pipeline(pipeline, config)) is not None
 
 
 @task(
@@ -70,8 +73,7 @@ def _outputs_current(verb: str, pipeline: str, config: str) -> bool:
 def stage(verb: str, pipeline: str, config: str, shard_workers: int = 1) -> dict[str, Any]:
     """Run one stage function (skipped when its outputs are current). With
     ``shard_workers > 1`` synthesis makes its shards as parallel tasks (flows/scaleout.py)."""
-    cfg = load_pipeline(pipeline, config)
-    paths = PipelinePaths(Path(config).resolve().parent, pipeline)
+    cfg, paths = _pipeline(pipeline, config)
     options: dict[str, Any] = {}
     if verb == "synthesize" and shard_workers > 1:
         from flows.scaleout import thread_pool_shards
@@ -87,8 +89,7 @@ def publish(pipeline: str, config: str) -> list[str]:
     """Copy reports and metrics to ``storage.results_uri`` (S3); returns the URIs written."""
     from tasks.storage import publish_results
 
-    cfg = load_pipeline(pipeline, config)
-    return publish_results(cfg, PipelinePaths(Path(config).resolve().parent, pipeline))
+    return publish_results(*_pipeline(pipeline, config))
 
 
 def _png_markdown(path: Path) -> str:

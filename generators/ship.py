@@ -39,17 +39,15 @@ SET_METRICS = (
 )
 
 
-def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
-    if not path.is_file():
-        if required:
-            raise DataError(f"{path}: expected this pipeline run's metrics, found none; run the pipeline first")
-        return None
-    return json.loads(path.read_text())
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def measured_metrics(paths: PipelinePaths) -> dict[str, Metric]:
     """Card metrics from a pipeline run's ``quality.json`` (required) and ``retrain.json``."""
-    quality = _read_json(paths.metrics / "quality.json", required=True)
+    from tasks.report import read_metrics
+
+    quality = read_metrics(paths.metrics / "quality.json", "filter")
     metrics: dict[str, Metric] = {}
     sets = (quality.get("set_metrics") or {}).get("sets") or {}
     extractor = ((quality.get("set_metrics") or {}).get("extractor") or {})
@@ -69,7 +67,7 @@ def measured_metrics(paths: PipelinePaths) -> dict[str, Metric]:
     kept = quality.get("kept_fraction")
     if kept is not None:
         metrics["kept_fraction"] = Metric(value=float(kept), higher_is_better=True, note="share kept by the filters")
-    retrain = _read_json(paths.metrics / "retrain.json", required=False)
+    retrain = _read_optional(paths.metrics / "retrain.json")
     if retrain:
         primary = retrain["primary_metric"]
         delta = retrain["delta"][primary]
@@ -114,7 +112,7 @@ def ship_generator(
     if not card.weights.file:
         raise DataError(f"{card_path}: the card names no weights file; only trained generators can be shipped")
     fill = {k: v for k, v in described.items() if getattr(card, k) in UNKNOWN}
-    train = _read_json(paths.metrics / "train.json", required=False) or {}
+    train = _read_optional(paths.metrics / "train.json") or {}
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(paths.generator / card.weights.file, out / card.weights.file)
     if (paths.generator / "history.csv").is_file():

@@ -273,13 +273,8 @@ def validation_score(
     if task == "classification":
         num_classes = proba.shape[1]
         return float(scores_from_confusion(confusion_matrix(targets, predicted, num_classes))["balanced_accuracy"])
-    from monai.metrics import compute_dice
-
-    classes = torch.arange(max(2, proba.shape[1]))[None, :, None, None]
-    truth = (torch.from_numpy(np.asarray(targets, dtype=np.int64))[:, None] == classes).float()
-    pred = (torch.from_numpy(predicted.astype(np.int64))[:, None] == classes).float()
-    dice = compute_dice(pred, truth, include_background=False, ignore_empty=False).double().numpy()
-    return float(np.nan_to_num(dice, nan=0.0).mean())
+    truth, pred = _one_hot_masks(np.asarray(targets, dtype=np.int64), predicted.astype(np.int64), max(2, proba.shape[1]))
+    return float(_dice_per_image(truth, pred).mean())
 
 
 @torch.no_grad()
@@ -364,6 +359,25 @@ def evaluate_classification(y_true: np.ndarray, proba: np.ndarray, class_names: 
     return scores
 
 
+def _one_hot_masks(
+    masks_true: np.ndarray, masks_pred: np.ndarray, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 masks ``(N, H, W)`` -> float one-hot ``(N, K, H, W)`` tensors (truth, prediction)."""
+    classes = torch.arange(num_classes)[None, :, None, None]
+    truth = (torch.from_numpy(masks_true)[:, None] == classes).float()
+    pred = (torch.from_numpy(masks_pred)[:, None] == classes).float()
+    return truth, pred
+
+
+def _dice_per_image(truth: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
+    """float64 ``(N,)``: Dice over foreground classes 1..K-1 per image (MONAI's
+    ``compute_dice``; a class empty in both scores 1, empty in only one scores 0)."""
+    from monai.metrics import compute_dice
+
+    dice = compute_dice(pred, truth, include_background=False, ignore_empty=False).double().numpy()
+    return np.nan_to_num(dice, nan=0.0).mean(axis=1)
+
+
 def segmentation_scores(masks_true: np.ndarray, masks_pred: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
     """Per-image Dice and HD95 (pixels), each averaged over the foreground classes 1..K-1.
 
@@ -373,15 +387,12 @@ def segmentation_scores(masks_true: np.ndarray, masks_pred: np.ndarray, num_clas
     scores 0 and in only one scores the image diagonal, so values stay finite. Returns
     ``{"dice": float64 (N,) in [0, 1], "hd95": float64 (N,) >= 0}``.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance
 
     if masks_true.shape != masks_pred.shape:
         raise DataError(f"expected predicted masks of shape {masks_true.shape}, got {masks_pred.shape}")
     n, height, width = masks_true.shape
-    classes = torch.arange(num_classes)[None, :, None, None]
-    truth = (torch.from_numpy(masks_true)[:, None] == classes).float()
-    pred = (torch.from_numpy(masks_pred)[:, None] == classes).float()
-    dice = compute_dice(pred, truth, include_background=False, ignore_empty=False).double().numpy()
+    truth, pred = _one_hot_masks(masks_true, masks_pred, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # monai warns for every empty class; handled below
         hd = compute_hausdorff_distance(pred, truth, include_background=False, percentile=95).double().numpy()
@@ -390,7 +401,7 @@ def segmentation_scores(masks_true: np.ndarray, masks_pred: np.ndarray, num_clas
     diagonal = float(np.hypot(height, width))
     hd = np.where(truth_any & pred_any, hd, np.where(truth_any | pred_any, diagonal, 0.0))
     hd = np.where(np.isfinite(hd), hd, diagonal)
-    return {"dice": np.nan_to_num(dice, nan=0.0).mean(axis=1), "hd95": hd.mean(axis=1)}
+    return {"dice": _dice_per_image(truth, pred), "hd95": hd.mean(axis=1)}
 
 
 def evaluate_segmentation(masks_true: np.ndarray, proba: np.ndarray) -> dict:
