@@ -26,8 +26,6 @@ class Generator(Protocol):
 
     card: ModelCard
 
-    def generate(
-        self, n: int, seed: int, condition: Sequence[str] | str | None = None
-    ) -> GeneratedBatch:
+    def generate(self, n: int, seed: int, condition: Sequence[str] | str | None = None) -> GeneratedBatch:
         """Make ``n`` samples; ``condition`` is one label or one label per sample."""
         ...

@@ -107,9 +107,7 @@ def encode_png(image: np.ndarray) -> bytes:
     _check_image(image)
     array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(
-        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-    )
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
@@ -251,9 +249,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     disk, then renamed, so the name only ever points at a complete file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(
-            table, tmp, compression="zstd", use_dictionary=["split", "label", "dtype", "source"]
-        )
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=["split", "label", "dtype", "source"])
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
@@ -548,9 +544,7 @@ def iter_tables(
         yield table
 
 
-def read_table(
-    dataset: Path, columns: Sequence[str] | None = None, splits: Sequence[str] | None = None
-) -> pa.Table:
+def read_table(dataset: Path, columns: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> pa.Table:
     """The whole dataset (or some splits/columns) as one table."""
     tables = list(iter_tables(dataset, columns, splits))
     if not tables:
@@ -574,9 +568,7 @@ def decode_table(table: pa.Table) -> ImageArrays:
     """Decode the ``image`` (and ``mask`` where every row has one) columns of a table."""
     blobs = table.column("image").to_pylist()
     images = [to_unit_float(decode_image(b)) for b in blobs]
-    stacked = (
-        np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 1), np.float32)
-    )
+    stacked = np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 1), np.float32)
     masks = None
     if "mask" in table.column_names:
         mask_blobs = table.column("mask").to_pylist()

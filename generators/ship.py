@@ -50,7 +50,7 @@ def measured_metrics(paths: PipelinePaths) -> dict[str, Metric]:
     quality = read_metrics(paths.metrics / "quality.json", "filter")
     metrics: dict[str, Metric] = {}
     sets = (quality.get("set_metrics") or {}).get("sets") or {}
-    extractor = ((quality.get("set_metrics") or {}).get("extractor") or {})
+    extractor = (quality.get("set_metrics") or {}).get("extractor") or {}
     extractor_name = extractor.get("name")
     if extractor_name and extractor.get("weights_sha256"):
         extractor_name = f"{extractor_name} (weights sha256 {extractor['weights_sha256'][:12]})"
@@ -125,8 +125,9 @@ def ship_generator(
             "changelog": {version: f"trained by synthmed pipeline '{pipeline}' and shipped with measured metrics"},
             "metrics": measured_metrics(paths),
             **fill,
-            "tags": tuple(dict.fromkeys((*card.tags, *(fill.get(k, getattr(card, k)).lower()
-                                                       for k in ("modality", "anatomy"))))),
+            "tags": tuple(
+                dict.fromkeys((*card.tags, *(fill.get(k, getattr(card, k)).lower() for k in ("modality", "anatomy"))))
+            ),
             "training": card.training.model_copy(
                 update={
                     "time_s": train.get("time_s"),

@@ -28,8 +28,9 @@ class TrainSpec(BaseModel):
     base_channels: int = Field(32, ge=4)
     with_masks: bool = Field(False, description="also generate the tissue mask (paired generator)")
     diffaugment: bool = Field(
-        True, description="differentiable augmentation (translation, cutout) of the discriminator's inputs; "
-        "keeps a GAN trainable on a few hundred images"
+        True,
+        description="differentiable augmentation (translation, cutout) of the discriminator's inputs; "
+        "keeps a GAN trainable on a few hundred images",
     )
     amp: bool = Field(True, description="bf16 autocast on GPU; ignored on CPU")
     checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")

@@ -103,8 +103,12 @@ def diff_augment(x: torch.Tensor, rng: torch.Generator, shift: float = 0.125, cu
     left = torch.randint(0, w - side_w + 1, (b,), generator=rng)
     rows = torch.arange(h).view(1, h, 1)
     cols = torch.arange(w).view(1, 1, w)
-    hole = ((rows >= top.view(b, 1, 1)) & (rows < (top + side_h).view(b, 1, 1))
-            & (cols >= left.view(b, 1, 1)) & (cols < (left + side_w).view(b, 1, 1)))
+    hole = (
+        (rows >= top.view(b, 1, 1))
+        & (rows < (top + side_h).view(b, 1, 1))
+        & (cols >= left.view(b, 1, 1))
+        & (cols < (left + side_w).view(b, 1, 1))
+    )
     return x * (~hole).unsqueeze(1).to(x.device, x.dtype)
 
 
@@ -130,7 +134,9 @@ def train_cgan(
         mask_classes=data.mask_classes if spec.with_masks else 0,
     )
     if spec.with_masks and data.masks is None:
-        raise DataError("train.with_masks is true but the training images have no masks; ingest masks or set with_masks: false")
+        raise DataError(
+            "train.with_masks is true but the training images have no masks; ingest masks or set with_masks: false"
+        )
     torch.manual_seed(spec.seed)
     rng = torch.Generator().manual_seed(spec.seed)
     dev = torch.device(device)

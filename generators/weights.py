@@ -66,7 +66,9 @@ def load_weights(path: Path, expected_sha256: str | None, fmt: str = "safetensor
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises bare Exception/UnpicklingError variants
-            raise GeneratorError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}); refusing to unpickle code") from None
+            raise GeneratorError(
+                f"{path}: not a plain tensor checkpoint ({type(exc).__name__}); refusing to unpickle code"
+            ) from None
         if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
             loaded = loaded["model"]
         if not isinstance(loaded, dict):

@@ -78,8 +78,7 @@ class Mni152Source(Described):
     def _names_match_levels(self) -> "Mni152Source":
         if len(self.level_names) != len(self.levels_mm) + 1:
             raise ValueError(
-                f"level_names needs len(levels_mm)+1 = {len(self.levels_mm) + 1} names, "
-                f"got {len(self.level_names)}"
+                f"level_names needs len(levels_mm)+1 = {len(self.levels_mm) + 1} names, got {len(self.level_names)}"
             )
         return self
 
@@ -328,8 +327,7 @@ class RetrainSpec(Strict):
         fits = {"classification": ("densenet", "resnet"), "segmentation": ("unet",)}
         if self.network not in fits[self.task]:
             raise ValueError(
-                f"network '{self.network}' does not fit task '{self.task}'; "
-                f"allowed: {', '.join(fits[self.task])}"
+                f"network '{self.network}' does not fit task '{self.task}'; allowed: {', '.join(fits[self.task])}"
             )
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
@@ -518,7 +516,5 @@ def load_pipeline(name: str, path: Path | str = DEFAULT_CONFIG) -> PipelineConfi
     if name not in pipelines:
         guess = difflib.get_close_matches(name, list(pipelines), n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-        raise ConfigError(
-            f"{Path(path).name}: no pipeline named '{name}'; known: {', '.join(sorted(pipelines))}{hint}"
-        )
+        raise ConfigError(f"{Path(path).name}: no pipeline named '{name}'; known: {', '.join(sorted(pipelines))}{hint}")
     return pipelines[name]

@@ -153,9 +153,7 @@ def build_augmentation(spec: AugmentSpec | None, seed: int):
     )
 
 
-def augment_batch(
-    augment, images: np.ndarray, masks: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None]:
+def augment_batch(augment, images: np.ndarray, masks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Apply ``augment`` sample by sample. images: float32 ``(B, C, H, W)`` in [0, 1]
     (returned clipped to [0, 1]); masks: int64 ``(B, H, W)`` or None."""
     if augment is None:
@@ -273,7 +271,9 @@ def validation_score(
     if task == "classification":
         num_classes = proba.shape[1]
         return float(scores_from_confusion(confusion_matrix(targets, predicted, num_classes))["balanced_accuracy"])
-    truth, pred = _one_hot_masks(np.asarray(targets, dtype=np.int64), predicted.astype(np.int64), max(2, proba.shape[1]))
+    truth, pred = _one_hot_masks(
+        np.asarray(targets, dtype=np.int64), predicted.astype(np.int64), max(2, proba.shape[1])
+    )
     return float(_dice_per_image(truth, pred).mean())
 
 
@@ -340,9 +340,7 @@ def evaluate_classification(y_true: np.ndarray, proba: np.ndarray, class_names: 
     ``(N, K)``. Returns accuracy, balanced_accuracy, macro_f1 (floats in [0, 1]) and
     ``per_class`` ``{name: {"n": int, "correct": int, "predicted": int}}``."""
     if proba.ndim != 2 or proba.shape[0] != y_true.shape[0] or proba.shape[1] != len(class_names):
-        raise DataError(
-            f"expected probabilities of shape ({y_true.shape[0]}, {len(class_names)}), got {proba.shape}"
-        )
+        raise DataError(f"expected probabilities of shape ({y_true.shape[0]}, {len(class_names)}), got {proba.shape}")
     if y_true.shape[0] == 0:
         raise DataError("expected at least one evaluation image, got 0; check the split")
     y_pred = proba.argmax(axis=1)

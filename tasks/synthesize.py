@@ -77,8 +77,7 @@ def requested_counts(cfg: PipelineConfig, real_train_counts: dict[str, int]) -> 
         largest = max(real_train_counts.values())
         return {label: largest - n for label, n in sorted(real_train_counts.items())}
     return {
-        label: cfg.synthesis.counts.get(label, cfg.synthesis.count_per_class)
-        for label in sorted(real_train_counts)
+        label: cfg.synthesis.counts.get(label, cfg.synthesis.count_per_class) for label in sorted(real_train_counts)
     }
 
 
@@ -305,9 +304,7 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
     }
     key = resume_key(generator, provenance, dtype=dtype, device=device, threads=cfg.threads)
     log.info("synthesizing %d images in %d shards with %s", sum(counts.values()), len(plans), generator.card.ref)
-    writer = DatasetWriter(
-        paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance, resume_key=key
-    )
+    writer = DatasetWriter(paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance, resume_key=key)
     started = time.perf_counter()
     with writer:
         if map_shards is None:

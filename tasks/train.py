@@ -40,14 +40,18 @@ def load_training_data(paths: PipelinePaths, with_masks: bool) -> TrainingData:
         raise DataError(f"{paths.real}: the train split is empty; add images or lower preprocess.split.val/test")
     arrays = decode_table(table)
     if any(label is None for label in arrays.labels):
-        raise DataError(f"{paths.real}: every training image needs a label for a conditional generator; fix the source labels")
+        raise DataError(
+            f"{paths.real}: every training image needs a label for a conditional generator; fix the source labels"
+        )
     names = tuple(sorted(set(arrays.labels)))
     labels = np.array([names.index(label) for label in arrays.labels], dtype=np.int64)
     masks = arrays.masks if with_masks else None
     if with_masks and masks is None:
         raise DataError(f"{paths.real}: generator.train.with_masks needs masks on every training image; ingest masks")
     mask_classes = int(masks.max()) + 1 if masks is not None else 0
-    return TrainingData(arrays.images, labels, names, masks, max(mask_classes, len(MASK_CLASSES)) if masks is not None else 0)
+    return TrainingData(
+        arrays.images, labels, names, masks, max(mask_classes, len(MASK_CLASSES)) if masks is not None else 0
+    )
 
 
 def _fingerprint(cfg: PipelineConfig, paths: PipelinePaths) -> str:
@@ -66,7 +70,13 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
     checkpoint = paths.state / f"generator-{_fingerprint(cfg, paths)}.ckpt"
     if spec.architecture != "cgan":
         return _train_architecture(cfg, paths, staging, data, manifest, checkpoint, device)
-    log.info("training cgan on %d images (%s), %d epochs, device %s", len(data.images), ", ".join(data.label_names), spec.epochs, device)
+    log.info(
+        "training cgan on %d images (%s), %d epochs, device %s",
+        len(data.images),
+        ", ".join(data.label_names),
+        spec.epochs,
+        device,
+    )
 
     def progress(epoch: int, row: dict[str, float]) -> None:
         if epoch == 1 or epoch % max(1, spec.epochs // 10) == 0 or epoch == spec.epochs:
@@ -121,8 +131,15 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
         for row in result.history:
             writer.writerow([int(row["epoch"]), f"{row['loss_d']:.6f}", f"{row['loss_g']:.6f}"])
     checkpoint.unlink(missing_ok=True)
-    return {"generator": card.ref, "trained": True, "time_s": round(result.time_s, 2), "epochs": spec.epochs,
-            "images": len(data.images), "device": device, "resumed_from_epoch": result.resumed_from_epoch}
+    return {
+        "generator": card.ref,
+        "trained": True,
+        "time_s": round(result.time_s, 2),
+        "epochs": spec.epochs,
+        "images": len(data.images),
+        "device": device,
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
 
 
 _DESCRIPTIONS = {
@@ -227,7 +244,9 @@ def _select_existing(cfg: PipelineConfig, staging: Path) -> dict[str, Any]:
     else:
         found = [e for e in registry.search(spec.query or "", rank_by=spec.rank_by) if e.card.available]
         if not found:
-            raise GeneratorError(f"no available generator matches query '{spec.query}'; try 'synthmed generators search'")
+            raise GeneratorError(
+                f"no available generator matches query '{spec.query}'; try 'synthmed generators search'"
+            )
         entry = found[0]
     weights = entry.weights_path
     if weights is None:

@@ -9,7 +9,13 @@ import yaml
 from tests.flows.project import make_project, run
 
 pytestmark = pytest.mark.integration
-DATASETS = ("data/tiny/real", "data/tiny/synthetic", "data/tiny/filtered", "data/tiny/rejects.json", "models/tiny/generator")
+DATASETS = (
+    "data/tiny/real",
+    "data/tiny/synthetic",
+    "data/tiny/filtered",
+    "data/tiny/rejects.json",
+    "models/tiny/generator",
+)
 
 
 def _out_hashes(root) -> dict[str, str]:

@@ -47,7 +47,9 @@ def test_flow_runs_every_stage_then_caches_and_dvc_agrees(prefect_harness, tmp_p
     versions = summaries["versions"]
     assert versions["versioned"] and "data/tiny/synthetic" in versions["outputs"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert {"ingest-tiny", "train-tiny", "synthesize-tiny", "filter-tiny", "retrain-tiny", "report-tiny"} <= set(lock["stages"])
+    assert {"ingest-tiny", "train-tiny", "synthesize-tiny", "filter-tiny", "retrain-tiny", "report-tiny"} <= set(
+        lock["stages"]
+    )
     assert "up to date" in run(["dvc", "status"], root).lower()
 
     # artifacts were published

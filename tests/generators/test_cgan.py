@@ -28,9 +28,17 @@ def _data(n: int = 16, size: int = 16, masks: bool = False) -> TrainingData:
 
 def _card(cfg: CganConfig, labels: tuple[str, ...]) -> ModelCard:
     return ModelCard(
-        id="test/cgan", version="1", architecture="cgan", network=cfg.__dict__, modality="MRI", anatomy="phantom",
-        image_size=(cfg.image_size, cfg.image_size), channels=cfg.channels, licence="MIT",
-        conditioning=Conditioning(labels=labels, masks=cfg.mask_classes > 0), weights=Weights(file="w", sha256="0"),
+        id="test/cgan",
+        version="1",
+        architecture="cgan",
+        network=cfg.__dict__,
+        modality="MRI",
+        anatomy="phantom",
+        image_size=(cfg.image_size, cfg.image_size),
+        channels=cfg.channels,
+        licence="MIT",
+        conditioning=Conditioning(labels=labels, masks=cfg.mask_classes > 0),
+        weights=Weights(file="w", sha256="0"),
     )
 
 
@@ -85,8 +93,16 @@ def test_training_resumes_from_a_checkpoint_with_identical_result(tmp_path):
     full = train_cgan(data, TrainSpec(epochs=4, batch_size=8, latent_dim=8, base_channels=8))
     checkpoint = tmp_path / "ckpt.pt"
     # "crash" after epoch 2: a run that stops at 2 epochs leaves the checkpoint behind
-    train_cgan(data, TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=8, checkpoint_every=2), checkpoint=checkpoint)
-    resumed = train_cgan(data, TrainSpec(epochs=4, batch_size=8, latent_dim=8, base_channels=8, checkpoint_every=2), checkpoint=checkpoint)
+    train_cgan(
+        data,
+        TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=8, checkpoint_every=2),
+        checkpoint=checkpoint,
+    )
+    resumed = train_cgan(
+        data,
+        TrainSpec(epochs=4, batch_size=8, latent_dim=8, base_channels=8, checkpoint_every=2),
+        checkpoint=checkpoint,
+    )
     assert resumed.resumed_from_epoch == 2
     for key in full.generator:
         torch.testing.assert_close(full.generator[key], resumed.generator[key], rtol=0, atol=0)

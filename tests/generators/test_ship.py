@@ -28,8 +28,23 @@ def test_ship_records_measured_metrics_and_the_card_generates(tmp_path: Path, ca
         run_stage(verb, cfg, paths)
     out = tmp_path / "zoo" / "tiny_cgan"
 
-    assert main(["generators", "ship", "--pipeline", "tiny", "--config", str(config),
-                 "--id", "test/tiny-cgan", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generators",
+                "ship",
+                "--pipeline",
+                "tiny",
+                "--config",
+                str(config),
+                "--id",
+                "test/tiny-cgan",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "conformance ok" in capsys.readouterr().out
 
     card = load_card(out / "card.yaml")

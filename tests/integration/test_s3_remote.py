@@ -118,8 +118,14 @@ def test_an_interrupted_push_is_completed_by_the_next_and_a_clone_pulls_identica
     cli(["git", "commit", "-q", "-am", "use the S3 remote"], origin)
     before = _sha256_tree(origin)
 
-    killed = subprocess.Popen(["dvc", "push"], cwd=origin, env={**base_env(), **s3.env()},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = subprocess.Popen(
+        ["dvc", "push"],
+        cwd=origin,
+        env={**base_env(), **s3.env()},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     time.sleep(1.5)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
@@ -151,8 +157,14 @@ def test_a_pipeline_commit_while_a_push_runs_leaves_cache_and_lock_consistent(ti
     root = copy_project(tiny_repro, tmp_path / "proj")
     _use_s3_remote(root, s3)
     cli(["git", "commit", "-q", "-am", "use the S3 remote"], root)
-    push = subprocess.Popen(["dvc", "push"], cwd=root, env={**base_env(), **s3.env()},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    push = subprocess.Popen(
+        ["dvc", "push"],
+        cwd=root,
+        env={**base_env(), **s3.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     versions = commit_outputs(root, "tiny")
     output, _ = push.communicate(timeout=300)
     assert versions["versioned"], versions

@@ -65,7 +65,9 @@ def test_wrong_or_missing_sha256_is_refused_before_any_deserialisation(
     path = malicious_files(tmp_path, marker)["zip"]
     calls: list[str] = []
     monkeypatch.setattr(weights_module.torch, "load", lambda *a, **k: calls.append("torch.load"))
-    monkeypatch.setattr(weights_module, "load_safetensors_bytes", lambda *a, **k: calls.append("load_safetensors_bytes"))
+    monkeypatch.setattr(
+        weights_module, "load_safetensors_bytes", lambda *a, **k: calls.append("load_safetensors_bytes")
+    )
     with pytest.raises(IntegrityError) as info:
         load_weights(path, "0" * 64, fmt="torch")
     assert_one_line(str(info.value), str(path), "does not match the card's 000000000000", "restore the original")

@@ -27,17 +27,25 @@ def test_shipped_pipelines_validate():
 @pytest.mark.parametrize(
     ("snippet", "expected"),
     [
-        ("source: {kind: mni152, levls_mm: [1]}\n    generator: {train: {}}",
-         "pipelines.demo.source.mni152.levls_mm: unknown key; allowed: anatomy, kind, level_names, levels_mm, licence, modality (did you mean 'levels_mm'?)"),
+        (
+            "source: {kind: mni152, levls_mm: [1]}\n    generator: {train: {}}",
+            "pipelines.demo.source.mni152.levls_mm: unknown key; allowed: anatomy, kind, level_names, levels_mm, licence, modality (did you mean 'levels_mm'?)",
+        ),
         ("source: {kind: mni152}\n    generator: {train: {epochz: 3}}", "(did you mean 'epochs'?)"),
-        ("source: {kind: mni152}\n    generator: {train: {}}\n    retrain: {task: segmentaton}",
-         "allowed: 'classification' or 'segmentation' (did you mean 'segmentation'?)"),
-        ("source: {kind: mni152}\n    generator: {train: {}}\n    retrain: {task: segmentation, network: densenet}",
-         "network 'densenet' does not fit task 'segmentation'; allowed: unet"),
+        (
+            "source: {kind: mni152}\n    generator: {train: {}}\n    retrain: {task: segmentaton}",
+            "allowed: 'classification' or 'segmentation' (did you mean 'segmentation'?)",
+        ),
+        (
+            "source: {kind: mni152}\n    generator: {train: {}}\n    retrain: {task: segmentation, network: densenet}",
+            "network 'densenet' does not fit task 'segmentation'; allowed: unet",
+        ),
         ("source: {kind: mni152}\n    generator: {id: a, query: b}", "give exactly one of 'id', 'query', 'train'"),
         ("source: {kind: ftp, path: x}\n    generator: {train: {}}", "pipelines.demo.source"),
-        ("source: {kind: mni152}\n    generator: {train: {}}\n    preprocess: {split: {train: 0.9, val: 0.2, test: 0.2}}",
-         "train + val + test must be 1.0"),
+        (
+            "source: {kind: mni152}\n    generator: {train: {}}\n    preprocess: {split: {train: 0.9, val: 0.2, test: 0.2}}",
+            "train + val + test must be 1.0",
+        ),
     ],
 )
 def test_errors_name_the_key_and_the_allowed_values(tmp_path, snippet, expected):

@@ -55,14 +55,24 @@ def test_classification_writes_both_settings_and_is_deterministic(paths: Pipelin
                 assert 0.0 <= stats["mean"] <= 1.0
     delta = summary["delta"]["balanced_accuracy"]
     assert delta["per_seed"] == pytest.approx(
-        [a - r for r, a in zip(summary["real_only"]["balanced_accuracy"]["per_seed"],
-                               summary["augmented"]["balanced_accuracy"]["per_seed"], strict=True)], abs=2e-6
+        [
+            a - r
+            for r, a in zip(
+                summary["real_only"]["balanced_accuracy"]["per_seed"],
+                summary["augmented"]["balanced_accuracy"]["per_seed"],
+                strict=True,
+            )
+        ],
+        abs=2e-6,
     )
     assert delta["bootstrap_ci95_low"] <= delta["bootstrap_ci95_high"]
 
     rows = list(csv.DictReader((paths.metrics / "retrain_seeds.csv").open()))
     assert [(r["seed"], r["setting"]) for r in rows] == [
-        ("0", "real_only"), ("0", "augmented"), ("1", "real_only"), ("1", "augmented")
+        ("0", "real_only"),
+        ("0", "augmented"),
+        ("1", "real_only"),
+        ("1", "augmented"),
     ]
     assert float(rows[0]["accuracy"]) == pytest.approx(summary["real_only"]["accuracy"]["per_seed"][0], abs=1e-6)
 
@@ -129,8 +139,16 @@ def test_validation_selection_keeps_the_best_scoring_weights(paths: PipelinePath
     def fit(with_val: bool) -> torch.nn.Module:
         model = downstream.build_network("classification", "densenet", 1, 3)
         return downstream.train_model(
-            model, real_train.images, real_train.targets, task="classification", steps=10, batch_size=8,
-            lr=3e-3, seed=0, val=val_pair if with_val else None, eval_every=2,
+            model,
+            real_train.images,
+            real_train.targets,
+            task="classification",
+            steps=10,
+            batch_size=8,
+            lr=3e-3,
+            seed=0,
+            val=val_pair if with_val else None,
+            eval_every=2,
         )
 
     final, selected = fit(False), fit(True)

@@ -65,4 +65,8 @@ def test_balance_and_bad_counts():
     with pytest.raises(ConfigError, match="unknown class"):
         requested_counts(_cfg(counts={"zebra": 1}), {"a": 1})
     plans = plan_shards({"a": 3, "b": 2}, shard_rows=2, seed=1)
-    assert [p.ids for p in plans] == [("syn-a-0000000", "syn-a-0000001"), ("syn-a-0000002", "syn-b-0000000"), ("syn-b-0000001",)]
+    assert [p.ids for p in plans] == [
+        ("syn-a-0000000", "syn-a-0000001"),
+        ("syn-a-0000002", "syn-b-0000000"),
+        ("syn-b-0000001",),
+    ]
