@@ -1,15 +1,19 @@
 """Synthesis throughput: the ``synthesize`` stage end to end (generate + encode + write
 shards, manifest included) against the bare forward pass at the same batch size, against
-the same stage without the generate/encode overlap and with PNG cells, and against a naive
-baseline (one image per forward pass, one PNG file per image). Then the encoding table:
-PNG levels 0/1/6 and raw bytes + zstd/lz4 on real MNI152 slices, bytes per image.
+the same stage without the generate/encode overlap and with PNG cells, the same stage and
+forward pass with ``torch.compile`` (``synthesis.compile: true``; the one-off compile is
+timed apart), and two naive baselines (one image per forward pass, one PNG file per image:
+a Pillow loop, and the MONAI MedNIST GAN bundle's own ``SaveImaged`` post-processing).
+Then the encoding table: PNG levels 0/1/6 and raw bytes + zstd/lz4 on real MNI152
+slices, bytes per image. On CUDA the GPU utilisation of each timed run is sampled with
+``nvidia-smi`` every 100 ms.
 
 Targets (performance issue): end-to-end >= 80 % of the bare forward pass; >= 10x the
 naive baseline.
 
     python -m benchmarks.bench_synthesis                       # CPU, cgan 64x64, ~2 min
-    python -m benchmarks.bench_synthesis --count 20000 --architectures cgan vae
-    python -m benchmarks.bench_synthesis --device cuda --sizes 64 256 --dtypes fp32 bf16 --count 50000
+    python -m benchmarks.bench_synthesis --count 12288 --naive-count 192 --skip-encoding   # the README figures
+    python -m benchmarks.bench_synthesis --device cuda --architectures cgan vae ddpm pix2pix --sizes 64 256 --dtypes fp32 bf16 --count 50000
 
 ``--dtypes`` sets the precision of the bare forward pass (bf16 = autocast; CUDA also uses
 channels_last); the stage itself always runs the architecture's own policy (bf16 autocast
@@ -33,6 +37,7 @@ from PIL import Image
 
 from benchmarks.common import (
     LABELS,
+    GpuUtilisation,
     Target,
     Timer,
     build_generator,
@@ -60,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     parser.add_argument("--encoding-count", type=int, default=600, help="MNI152 slices for the encoding table")
     parser.add_argument("--skip-variants", action="store_true", help="only the overlapped stage, no ablations")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--skip-encoding", action="store_true")
     return parser.parse_args(argv)
 
@@ -74,7 +80,8 @@ def bare_what(generator: Any) -> str:
 
 def bare_forward_rate(generator: Any, batch_size: int, count: int, dtype: str, device: str) -> float:
     """Images/s of the network alone (cgan: ``module(z, onehot)``, no sigmoid, no host
-    copy) or, for samplers, of ``generate`` itself (see :func:`bare_what`)."""
+    copy) or, for samplers, of ``generate`` itself (see :func:`bare_what`). A generator
+    passed through ``generators.compiled.compile_generator`` times the compiled network."""
     import torch
     import torch.nn.functional as F
 
@@ -119,9 +126,12 @@ def stage_rate(
     overlap: bool = True,
     encoding: str = "raw",
     count: int | None = None,
+    compile: bool = False,
 ) -> float:
     """Images/s of ``tasks.synthesize.synthesize`` (load, plan, generate, encode, write,
-    manifest) for ``count`` (default ``args.count``) images split over the classes."""
+    manifest) for ``count`` (default ``args.count``) images split over the classes;
+    ``compile``: with ``synthesis.compile: true`` (the compiled code of an earlier call in
+    this process is reused, so a warm-up call takes the one-off compile)."""
     import shutil
 
     import generators.shards as shards
@@ -142,7 +152,12 @@ def stage_rate(
             "device": args.device,
             "threads": args.threads,
             "generator": {"id": "bench"},
-            "synthesis": {"count_per_class": per_class, "shard_rows": args.shard_rows, "batch_size": args.batch_size},
+            "synthesis": {
+                "count_per_class": per_class,
+                "shard_rows": args.shard_rows,
+                "batch_size": args.batch_size,
+                "compile": compile,
+            },
         }
     )
 
@@ -175,6 +190,45 @@ def naive_rate(generator: Any, out: Path, count: int, batch_size: int) -> float:
                 pixels = from_unit_float(batch.images[i], "uint8")
                 Image.fromarray(pixels[0]).save(out / f"syn-{labels[i]}-{made + i:07d}.png")
             made += n
+    return count / t.s
+
+
+def naive_monai_rate(generator: Any, out: Path, count: int) -> float:
+    """The MONAI MedNIST GAN bundle's inference post-processing, image by image: the
+    network's raw output for one latent, ``Activationsd(sigmoid)``, ``ToTensord`` and
+    ``SaveImaged`` (PNG, scale 255, uint8), as in ``shared/models/mednist_gan``'s
+    ``inference.json``. cGAN only (needs the raw network)."""
+    import logging
+
+    import torch
+    import torch.nn.functional as F
+    from monai.transforms import Activationsd, Compose, SaveImaged, ToTensord
+
+    out.mkdir(parents=True, exist_ok=True)
+    post = Compose(
+        [
+            Activationsd(keys="pred", sigmoid=True),
+            ToTensord(keys="pred", track_meta=False),
+            SaveImaged(
+                keys="pred",
+                output_dir=str(out),
+                output_ext="png",
+                separate_folder=False,
+                scale=255,
+                output_dtype=np.uint8,
+                meta_key_postfix=None,
+                print_log=False,
+            ),
+        ]
+    )
+    cfg = generator.cfg
+    logging.getLogger("monai").setLevel(logging.WARNING)
+    with Timer() as t, torch.inference_mode():
+        for i in range(count):
+            z = torch.randn(1, cfg.latent_dim)
+            onehot = F.one_hot(torch.tensor([i % cfg.n_labels]), cfg.n_labels).float()
+            raw = generator.module(z, onehot)
+            post({"pred": raw[0]})
     return count / t.s
 
 
@@ -247,10 +301,116 @@ def io_only(images: list[np.ndarray], tmp: Path) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- main
+def measure_architecture(arch: str, size: int, card: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every rate of one architecture and size, interleaved ``args.repeats`` times (best
+    of: the CPU is shared). Compiled rows come after a warm-up that pays the one-off
+    compile, recorded as ``compile_warmup_s``."""
+    from generators.compiled import compile_generator
+    from generators.registry import load_generator
+
+    generator = load_generator(card, args.device)
+    row: dict[str, Any] = {"architecture": arch, "size": size, "bare_timed": bare_what(generator)}
+    run_dir = tmp / f"run-{arch}-{size}"
+    warm_count = args.batch_size * len(LABELS)
+    stage_rate(run_dir, card, size, args, count=warm_count)  # warm-up
+    stage = partial(stage_rate, run_dir, card, size, args)
+    variants: dict[str, Callable[[], float]] = {"stage_img_s": stage}
+    for dtype in args.dtypes:
+        variants[f"bare_{dtype}_img_s"] = partial(
+            bare_forward_rate, generator, args.batch_size, args.count, dtype, args.device
+        )
+    if not args.no_compile:
+        with Timer() as warm:
+            stage_rate(run_dir, card, size, args, count=warm_count, compile=True)
+        row["compile_warmup_s"] = warm.s
+        compiled = load_generator(card, args.device)
+        compile_generator(compiled)
+        variants["stage_compiled_img_s"] = partial(stage, compile=True)
+        stage_dtype = "bf16" if args.device.startswith("cuda") else "fp32"  # the stage's own policy
+        variants["bare_compiled_img_s"] = partial(
+            bare_forward_rate, compiled, args.batch_size, args.count, stage_dtype, args.device
+        )
+    if not args.skip_variants:
+        variants["stage_no_overlap_img_s"] = partial(stage, overlap=False)
+        variants["stage_png_cells_img_s"] = partial(stage, encoding="png")
+    naive_n = max(1, args.naive_count)
+    variants["naive_b1_img_s"] = partial(naive_rate, generator, tmp / "naive-b1", naive_n, 1)
+    variants["naive_same_batch_img_s"] = partial(
+        naive_rate, generator, tmp / "naive-bs", max(naive_n, args.batch_size), args.batch_size
+    )
+    if arch == "cgan":
+        variants["naive_monai_b1_img_s"] = partial(naive_monai_rate, generator, tmp / "naive-monai", naive_n)
+    for _ in range(args.repeats):
+        for key, measure in variants.items():
+            with GpuUtilisation(args.device) as utilisation:
+                rate = measure()
+            if rate > row.get(key, 0.0):
+                row[key] = rate
+                if utilisation.mean is not None:  # CUDA: of the run that counts
+                    row[key.replace("_img_s", "_gpu_util_pct")] = utilisation.mean
+    return row
+
+
+def bare_reference(row: dict[str, Any], device: str) -> float:
+    """The bare forward rate the eager stage compares with (bf16 on CUDA: the stage autocasts)."""
+    if device.startswith("cuda") and "bare_bf16_img_s" in row:
+        return row["bare_bf16_img_s"]
+    return row.get("bare_fp32_img_s", row.get("bare_bf16_img_s"))
+
+
+def best_stage(row: dict[str, Any]) -> float:
+    return max(row["stage_img_s"], row.get("stage_compiled_img_s", 0.0))
+
+
+def row_targets(row: dict[str, Any], device: str) -> list[Target]:
+    """Stage / bare forward (eager and compiled, each against its own forward pass) and
+    the best stage / naive batch-1 PNG files."""
+    tag = f"{row['architecture']} {row['size']}x{row['size']} {device}"
+    targets = [Target(f"stage / bare forward, eager ({tag})", row["stage_img_s"] / bare_reference(row, device), 0.8)]
+    if "stage_compiled_img_s" in row:
+        targets.append(
+            Target(
+                f"stage / bare forward, torch.compile ({tag})",
+                row["stage_compiled_img_s"] / row["bare_compiled_img_s"],
+                0.8,
+            )
+        )
+    targets.append(Target(f"best stage / naive batch-1 PNG files ({tag})", best_stage(row) / row["naive_b1_img_s"], 10))
+    return targets
+
+
+def print_rows(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """The images/s table (the ratios use the best stage: compiled where measured)."""
+    compiled = not args.no_compile
+    headers = ["arch", "size", *[f"bare {d}" for d in args.dtypes], "stage (overlap, raw)"]
+    if compiled:
+        headers += ["bare compiled", "stage compiled", "compile warm-up s"]
+    if not args.skip_variants:
+        headers += ["stage no overlap", "stage PNG cells"]
+    headers += ["naive b=1 files", "naive b=1 MONAI SaveImage", f"naive b={args.batch_size} files"]
+    headers += ["stage/bare", "best stage/naive b=1"]
+    gpu = any("stage_gpu_util_pct" in r for r in results)
+    if gpu:
+        headers += ["GPU util % stage", "GPU util % stage compiled", "GPU util % bare"]
+    lines = []
+    for r in results:
+        cells = [r["architecture"], r["size"], *[r[f"bare_{d}_img_s"] for d in args.dtypes], r["stage_img_s"]]
+        if compiled:
+            cells += [r["bare_compiled_img_s"], r["stage_compiled_img_s"], r["compile_warmup_s"]]
+        if not args.skip_variants:
+            cells += [r["stage_no_overlap_img_s"], r["stage_png_cells_img_s"]]
+        cells += [r["naive_b1_img_s"], r.get("naive_monai_b1_img_s", "-"), r["naive_same_batch_img_s"]]
+        cells += [r["stage_img_s"] / bare_reference(r, args.device), best_stage(r) / r["naive_b1_img_s"]]
+        if gpu:
+            bare_key = "bare_bf16_gpu_util_pct" if "bare_bf16_gpu_util_pct" in r else "bare_fp32_gpu_util_pct"
+            cells += [r.get(k, "-") for k in ("stage_gpu_util_pct", "stage_compiled_gpu_util_pct", bare_key)]
+        lines.append(cells)
+    print("\nimages/s (bare = " + results[0]["bare_timed"] + ")")
+    print(table(lines, headers))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
-
-    from generators.registry import load_generator
 
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -268,61 +428,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for arch in args.architectures:
             for size in args.sizes:
                 card = build_generator(arch, size, tmp / f"card-{arch}-{size}")
-                generator = load_generator(card, args.device)
-                row: dict[str, Any] = {"architecture": arch, "size": size}
-                run_dir = tmp / f"run-{arch}-{size}"
-                stage_rate(run_dir, card, size, args, count=args.batch_size * len(LABELS))  # warm-up
-                stage = partial(stage_rate, run_dir, card, size, args)
-                variants: dict[str, Callable[[], float]] = {"stage_img_s": stage}
-                for dtype in args.dtypes:
-                    variants[f"bare_{dtype}_img_s"] = partial(
-                        bare_forward_rate, generator, args.batch_size, args.count, dtype, args.device
-                    )
-                if not args.skip_variants:
-                    variants["stage_no_overlap_img_s"] = partial(stage, overlap=False)
-                    variants["stage_png_cells_img_s"] = partial(stage, encoding="png")
-                naive_n = max(1, args.naive_count)
-                variants["naive_b1_img_s"] = partial(naive_rate, generator, tmp / "naive-b1", naive_n, 1)
-                variants["naive_same_batch_img_s"] = partial(
-                    naive_rate, generator, tmp / "naive-bs", max(naive_n, args.batch_size), args.batch_size
-                )
-                for _ in range(args.repeats):  # interleaved, best of: the CPU is shared
-                    for key, measure in variants.items():
-                        row[key] = max(row.get(key, 0.0), measure())
-                row["bare_timed"] = bare_what(generator)
+                row = measure_architecture(arch, size, card, tmp, args)
                 results.append(row)
-                reference = row.get("bare_fp32_img_s", row.get("bare_bf16_img_s"))
-                if args.device.startswith("cuda") and "bare_bf16_img_s" in row:
-                    reference = row["bare_bf16_img_s"]  # the stage autocasts to bf16 on CUDA
-                tag = f"{arch} {size}x{size} {args.device}"
-                targets.append(Target(f"stage / bare forward ({tag})", row["stage_img_s"] / reference, 0.8))
-                targets.append(
-                    Target(f"stage / naive batch-1 PNG files ({tag})", row["stage_img_s"] / row["naive_b1_img_s"], 10)
-                )
-                del generator
-        headers = ["arch", "size", *[f"bare {d}" for d in args.dtypes], "stage (overlap, raw)"]
-        if not args.skip_variants:
-            headers += ["stage no overlap", "stage PNG cells"]
-        headers += ["naive b=1 files", f"naive b={args.batch_size} files", "stage/bare", "stage/naive"]
-        lines = []
-        for r in results:
-            reference = (
-                r.get("bare_bf16_img_s")
-                if args.device.startswith("cuda") and "bare_bf16_img_s" in r
-                else r.get("bare_fp32_img_s", r.get("bare_bf16_img_s"))
-            )
-            cells = [r["architecture"], r["size"], *[r[f"bare_{d}_img_s"] for d in args.dtypes], r["stage_img_s"]]
-            if not args.skip_variants:
-                cells += [r["stage_no_overlap_img_s"], r["stage_png_cells_img_s"]]
-            cells += [
-                r["naive_b1_img_s"],
-                r["naive_same_batch_img_s"],
-                r["stage_img_s"] / reference,
-                r["stage_img_s"] / r["naive_b1_img_s"],
-            ]
-            lines.append(cells)
-        print("\nimages/s (bare = " + results[0]["bare_timed"] + ")")
-        print(table(lines, headers))
+                targets.extend(row_targets(row, args.device))
+        print_rows(results, args)
         figures: dict[str, Any] = {"runs": results, "args": vars(args)}
         if not args.skip_encoding:
             size = args.sizes[0]

@@ -14,8 +14,10 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,55 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.s = time.perf_counter() - self._start
+
+
+class GpuUtilisation:
+    """``with GpuUtilisation(device) as u: ...``; then ``u.mean`` / ``u.max`` are the GPU
+    utilisation in percent (0-100) sampled every ``interval_s`` by ``nvidia-smi`` (GPU 0
+    or ``CUDA_VISIBLE_DEVICES``' first), or None on CPU / without ``nvidia-smi``."""
+
+    def __init__(self, device: str, interval_s: float = 0.1) -> None:
+        self.enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self.mean: float | None = None
+        self.max: float | None = None
+
+    def _sample(self) -> float | None:
+        gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout
+            return float(out.strip().splitlines()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            value = self._sample()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self) -> "GpuUtilisation":
+        if self.enabled:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        self._thread.join()
+        if self.samples:
+            self.mean = sum(self.samples) / len(self.samples)
+            self.max = max(self.samples)
 
 
 def peak_rss_mb() -> float:

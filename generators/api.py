@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from generators.card import ModelCard
+from generators.compiled import compile_generator
 from generators.contract import GeneratedBatch, Generator
 from generators.errors import GeneratorError
 from generators.registry import Entry, find, load_generator
@@ -43,15 +44,21 @@ def show(ref: str) -> ModelCard:
     return find(ref).card
 
 
-def get_generator(ref: str, device: str = "cpu", *, allow_code: bool = False) -> Generator:
+def get_generator(ref: str, device: str = "cpu", *, allow_code: bool = False, compile: bool = False) -> Generator:
     """Load a registered generator by ``id`` or ``id@version`` (sha256-checked). Models
-    whose loading runs code (TorchScript) need ``allow_code=True``."""
-    return load_generator(find(ref), device, allow_code=allow_code)
+    whose loading runs code (TorchScript) need ``allow_code=True``. ``compile``:
+    ``torch.compile`` its network (worth it from ~20k images; see ``generators.compiled``)."""
+    generator = load_generator(find(ref), device, allow_code=allow_code)
+    if compile:
+        compile_generator(generator)
+    return generator
 
 
-def get_generate_function(ref: str, device: str = "cpu", *, allow_code: bool = False) -> Callable[..., GeneratedBatch]:
+def get_generate_function(
+    ref: str, device: str = "cpu", *, allow_code: bool = False, compile: bool = False
+) -> Callable[..., GeneratedBatch]:
     """``fn(n, seed=0, condition=None) -> GeneratedBatch`` for a user's own code."""
-    generator = get_generator(ref, device, allow_code=allow_code)
+    generator = get_generator(ref, device, allow_code=allow_code, compile=compile)
     return lambda n, seed=0, condition=None: generator.generate(n, seed, condition)
 
 
@@ -103,11 +110,12 @@ def generate(
     batch_size: int = 64,
     device: str = "cpu",
     allow_code: bool = False,
+    compile: bool = False,
 ) -> Path:
     """Generate ``n`` images into a dataset (Parquet shards) or a folder of 8-bit PNGs."""
     if n < 1:
         raise GeneratorError(f"expected n >= 1, got {n}")
-    generator = get_generator(ref, device, allow_code=allow_code)
+    generator = get_generator(ref, device, allow_code=allow_code, compile=compile)
     output = Path(output)
 
     def rows() -> Iterator[Row]:
@@ -146,8 +154,10 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
     """Yields ``(image, label_index)`` pairs made on the fly: image float32 (C, H, W) in
     [0, 1]. Deterministic for a given seed; ``length`` samples per epoch."""
 
-    def __init__(self, ref: str, length: int, seed: int = 0, batch_size: int = 64, device: str = "cpu") -> None:
-        self.generator = get_generator(ref, device)
+    def __init__(
+        self, ref: str, length: int, seed: int = 0, batch_size: int = 64, device: str = "cpu", compile: bool = False
+    ) -> None:
+        self.generator = get_generator(ref, device, compile=compile)
         self.length, self.seed, self.batch_size = length, seed, batch_size
         self.labels = list(self.generator.card.conditioning.labels)
 
@@ -165,7 +175,8 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
 
 
 def get_dataloader(
-    ref: str, length: int, batch_size: int = 32, seed: int = 0, device: str = "cpu"
+    ref: str, length: int, batch_size: int = 32, seed: int = 0, device: str = "cpu", compile: bool = False
 ) -> torch.utils.data.DataLoader:
     """A torch DataLoader of synthetic samples for a user's own training loop."""
-    return torch.utils.data.DataLoader(SyntheticDataset(ref, length, seed, device=device), batch_size=batch_size)
+    dataset = SyntheticDataset(ref, length, seed, device=device, compile=compile)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)

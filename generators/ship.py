@@ -7,7 +7,8 @@
   generated synthetic images against the real train split (features named there);
 - ``metrics/<pipeline>/retrain.json``: the downstream delta (real + synthetic minus real
   only, primary metric, mean over seeds with its 95% interval), optional;
-- ``metrics/<pipeline>/train.json``: training wall time and device, optional;
+- ``metrics/<pipeline>/train.json``: the training device, optional, and
+  ``.synthmed/<pipeline>/train_timing.json``: its wall time, optional;
 
 and writes ``out/card.yaml`` (new id, version 1.0.0, the measurements as card metrics,
 the training time) next to a copy of the weights and the loss history. The weights are
@@ -26,6 +27,7 @@ from generators.card import Metric, ModelCard, load_card, save_card
 from generators.errors import DataError
 from generators.shards import sha256_file
 from tasks.paths import PipelinePaths
+from tasks.train import read_train_timing
 
 #: (card metric name, quality.json set, key, higher is better, what it is)
 SET_METRICS = (
@@ -130,7 +132,7 @@ def ship_generator(
             ),
             "training": card.training.model_copy(
                 update={
-                    "time_s": train.get("time_s"),
+                    "time_s": read_train_timing(paths),
                     "device": train.get("device"),
                     **({"dataset_licence": fill["licence"]} if "licence" in fill else {}),
                 }

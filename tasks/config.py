@@ -169,7 +169,11 @@ class GeneratorSpec(Strict):
 
 class SynthesisSpec(Strict):
     """How many images per class; ``counts`` overrides ``count_per_class`` per label.
-    ``balance`` tops every class up to the largest real training class instead."""
+    ``balance`` tops every class up to the largest real training class instead.
+    ``compile``: ``torch.compile`` the generator's network (true/false), or ``auto`` =
+    only when the run makes at least ``compile_min_images`` images with an architecture
+    measured faster compiled (not DDPM; the one-off compile takes 10-30 s; see
+    ``generators/compiled.py``)."""
 
     count_per_class: int = Field(100, ge=0)
     counts: dict[str, int] = Field(default_factory=dict)
@@ -177,6 +181,15 @@ class SynthesisSpec(Strict):
     shard_rows: int = Field(256, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 1234
+    compile: Union[bool, Literal["auto"]] = "auto"
+    compile_min_images: int = Field(20_000, ge=0)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("expected true, false or 'auto'")
 
 
 class SanityFilter(Strict):

@@ -610,7 +610,7 @@ def render_markdown(
         if not isinstance(time_s, (int, float)):
             lines += [
                 "Cards the pipeline trains carry no wall time, so their bytes (and DVC hashes) repeat "
-                f"on rerun; this run's training time is in `metrics/{pipeline}/train.json`.",
+                f"on rerun; this run's training time is in `.synthmed/{pipeline}/train_timing.json`.",
                 "",
             ]
         if card.get("intended_use"):

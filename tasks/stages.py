@@ -84,7 +84,13 @@ STAGES: dict[str, Stage] = {
             lambda p, c: [p.real, p.generator],
             lambda p: [p.synthetic],
             ("device", "synthesis"),
-            code=("tasks/synthesize.py", "generators/registry.py", "generators/architectures", "generators/shards.py"),
+            code=(
+                "tasks/synthesize.py",
+                "generators/compiled.py",
+                "generators/registry.py",
+                "generators/architectures",
+                "generators/shards.py",
+            ),
         ),
         Stage(
             "filter",

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pyarrow as pa
 import torch
 
+from generators.compiled import compile_generator, should_compile
 from generators.contract import GeneratedBatch, Generator
 from generators.errors import ConfigError, DataError
 from generators.registry import load_generator
@@ -227,16 +228,20 @@ def generation_code_digest() -> str:
     return digest.hexdigest()
 
 
-def resume_key(generator: Generator, provenance: dict[str, Any], *, dtype: str, device: str, threads: int) -> str:
+def resume_key(
+    generator: Generator, provenance: dict[str, Any], *, dtype: str, device: str, threads: int, compiled: bool = False
+) -> str:
     """Digest of everything that fixes the shards' bytes: the card (weights sha256
     included), the plan (``provenance``: counts, seed, shard_rows, batch_size), the pixel
-    dtype, device, torch threads and version, and the generation code."""
+    dtype, device, torch threads and version, whether the network is compiled, and the
+    generation code."""
     payload = {
         "card": generator.card.model_dump(mode="json"),
         "plan": provenance,
         "dtype": dtype,
         "device": device,
         "threads": threads,
+        "compiled": compiled,
         "torch": torch.__version__,
         "code": generation_code_digest(),
     }
@@ -302,8 +307,18 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
         "shard_rows": cfg.synthesis.shard_rows,
         "batch_size": cfg.synthesis.batch_size,
     }
-    key = resume_key(generator, provenance, dtype=dtype, device=device, threads=cfg.threads)
-    log.info("synthesizing %d images in %d shards with %s", sum(counts.values()), len(plans), generator.card.ref)
+    total = sum(counts.values())
+    compiled = should_compile(
+        cfg.synthesis.compile, generator.card.architecture, total, cfg.synthesis.compile_min_images
+    ) and compile_generator(generator)
+    key = resume_key(generator, provenance, dtype=dtype, device=device, threads=cfg.threads, compiled=compiled)
+    log.info(
+        "synthesizing %d images in %d shards with %s%s",
+        total,
+        len(plans),
+        generator.card.ref,
+        " (torch.compile)" if compiled else "",
+    )
     writer = DatasetWriter(paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance, resume_key=key)
     started = time.perf_counter()
     with writer:
@@ -323,4 +338,5 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
         "shards": len(plans),
         "resumed_shards": writer.resumed,
         "device": device,
+        "compiled": compiled,
     }

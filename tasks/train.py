@@ -2,8 +2,10 @@
 one from the registry (by id or search query), and place it in ``models/<pipeline>/generator``.
 
 Outputs: ``card.yaml`` (with the weights' sha256), ``weights.safetensors``,
-``history.csv`` (per-epoch losses, a DVC plot). Timing goes to ``metrics/<pipeline>/train.json``
-so that the versioned generator stays byte-identical across reruns.
+``history.csv`` (per-epoch losses, a DVC plot). ``metrics/<pipeline>/train.json`` (DVC
+metrics) holds what was trained (ref, epochs, images, device); the wall time goes to
+``.synthmed/<pipeline>/train_timing.json`` (not versioned), so that an identical rerun
+gives identical DVC hashes for the generator and its metrics.
 """
 
 from __future__ import annotations
@@ -270,5 +272,22 @@ def train(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     paths.metrics.mkdir(parents=True, exist_ok=True)
+    timing = {"time_s": summary.pop("time_s")} if "time_s" in summary else {}
     write_json_atomic(summary, paths.metrics / "train.json")
-    return summary
+    write_json_atomic(timing, train_timing_path(paths))
+    return {**summary, **timing}
+
+
+def train_timing_path(paths: PipelinePaths) -> Path:
+    """Where the train stage leaves its wall time (``{"time_s": float}``, ``{}`` when it
+    selected a generator): outside the DVC-tracked outputs, which must repeat bit for bit."""
+    return paths.state / "train_timing.json"
+
+
+def read_train_timing(paths: PipelinePaths) -> float | None:
+    """The last training run's wall time in seconds, or None (not trained, or no record)."""
+    try:
+        value = json.loads(train_timing_path(paths).read_text()).get("time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None

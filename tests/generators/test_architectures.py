@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from generators.architectures import LOADERS
 from generators.architectures.pix2pix import MaskCondition
 from generators.card import ARCHITECTURES, Conditioning, ModelCard, Weights, load_card, save_card
+from generators.compiled import CompiledOrEager, compile_generator, should_compile
 from generators.errors import GeneratorError, IntegrityError
 from generators.train_spec import TrainSpec
 from generators.training import TrainedGenerator, TrainingData, train_generator
@@ -255,3 +256,54 @@ def test_trains_and_generates_on_cuda_with_bf16_autocast(case, tmp_path):
     assert first.images.shape == (4, 1, SIZE, SIZE) and first.images.dtype == np.float32
     assert 0.0 <= first.images.min() and first.images.max() <= 1.0
     np.testing.assert_allclose(first.images, again.images, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["cgan", "vae"])
+def test_compiled_generation_matches_eager(case, trained, tmp_path):
+    """``torch.compile`` of the hot network method (real inductor compile): the same
+    images as eager up to float32 rounding, still deterministic per seed."""
+    card, weights = card_for(trained[case], tmp_path)
+    eager = LOADERS[card.architecture](card, weights, "cpu")
+    compiled = LOADERS[card.architecture](card, weights, "cpu")
+    assert compile_generator(compiled)
+    expected = eager.generate(6, seed=5, condition="square")
+    first = compiled.generate(6, seed=5, condition="square")
+    np.testing.assert_allclose(first.images, expected.images, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(compiled.generate(6, seed=5, condition="square").images, first.images)
+    assert first.labels == expected.labels
+    hot = getattr(compiled.module, "decode" if case == "vae" else "forward")
+    assert isinstance(hot, CompiledOrEager) and hot.proven and hot.compiled is not None
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(trained, tmp_path, monkeypatch, caplog):
+    """Unit test with a stand-in for torch.compile (the real compile is tested above)."""
+    import generators.compiled as compiled_module
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler found\nlong details")
+
+        return run
+
+    card, weights = card_for(trained["cgan"], tmp_path)
+    eager = LOADERS["cgan"](card, weights, "cpu")
+    model = LOADERS["cgan"](card, weights, "cpu")
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    assert compile_generator(model)
+    with caplog.at_level("WARNING", logger="generators.compiled"):
+        out = model.generate(3, seed=1, condition="disc")
+        again = model.generate(3, seed=2, condition="disc")
+    np.testing.assert_array_equal(out.images, eager.generate(3, seed=1, condition="disc").images)
+    np.testing.assert_array_equal(again.images, eager.generate(3, seed=2, condition="disc").images)
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no C++ compiler found" in warnings[0] and "long details" not in warnings[0]
+    assert "synthesis.compile: false" in warnings[0]
+
+
+def test_auto_compile_depends_on_architecture_and_image_count():
+    assert not should_compile("auto", "cgan", 19_999, 20_000)
+    assert should_compile("auto", "cgan", 20_000, 20_000)
+    assert not should_compile("auto", "ddpm", 10**6, 20_000)  # measured no faster compiled
+    assert should_compile(True, "ddpm", 1, 20_000)
+    assert not should_compile(False, "cgan", 10**6, 20_000)

@@ -46,6 +46,10 @@ def test_shipped_pipelines_validate():
             "source: {kind: mni152}\n    generator: {train: {}}\n    preprocess: {split: {train: 0.9, val: 0.2, test: 0.2}}",
             "train + val + test must be 1.0",
         ),
+        (
+            "source: {kind: mni152}\n    generator: {train: {}}\n    synthesis: {compile: sometimes}",
+            "pipelines.demo.synthesis.compile: expected true, false or 'auto' (got 'sometimes')",
+        ),
     ],
 )
 def test_errors_name_the_key_and_the_allowed_values(tmp_path, snippet, expected):
