@@ -6,8 +6,8 @@ The generator is the demo pipeline's cGAN at 64x64 with narrow layers (``--base-
 8 by default, so 32k images finish in minutes on a CPU); what grows with the count is the
 plan, the writer and the I/O queue, not the network.
 
-    python -m benchmarks.bench_memory                         # 1k, 4k, 16k images (~2-4 min on the shared CPU)
-    python -m benchmarks.bench_memory --counts 2000 8000 32000   # the sizes (~10 min there)
+    python -m benchmarks.bench_memory                         # 2k, 8k, 32k images (~2 min on the 2-core CPU)
+    python -m benchmarks.bench_memory --compile false         # the same, eager
     python -m benchmarks.bench_memory --counts 2000 8000 32000 128000 --base-channels 32
 
 Every count runs with the same ``synthesis.compile`` (``--compile``, default true: what
@@ -46,7 +46,7 @@ FLAT_MB_PER_10K = 25.0  # "flat": under 25 MiB more peak RSS per 10,000 more ima
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--counts", type=int, nargs="+", default=[2000, 8000, 32000])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -11,7 +11,7 @@ slices, bytes per image. On CUDA the GPU utilisation of each timed run is sample
 Targets (performance issue): end-to-end >= 80 % of the bare forward pass; >= 10x the
 naive baseline.
 
-    python -m benchmarks.bench_synthesis                       # CPU, cgan 64x64, ~2 min
+    python -m benchmarks.bench_synthesis                       # CPU, cgan 64x64, ~3 min
     python -m benchmarks.bench_synthesis --count 12288 --naive-count 192 --skip-encoding   # the README figures
     python -m benchmarks.bench_synthesis --device cuda --architectures cgan vae ddpm pix2pix --sizes 64 256 --dtypes fp32 bf16 --count 50000
 
@@ -57,11 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64], help="image sizes (square)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--architectures", nargs="+", default=["cgan"], choices=ARCHITECTURES)
-    parser.add_argument("--count", type=int, default=768, help="images per stage run / bare forward run")
+    parser.add_argument("--count", type=int, default=4096, help="images per stage run / bare forward run")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best rate counts")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-rows", type=int, default=512)
-    parser.add_argument("--naive-count", type=int, default=48, help="images for the naive batch-1 baseline")
+    parser.add_argument("--naive-count", type=int, default=96, help="images for the naive batch-1 baseline")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     parser.add_argument("--encoding-count", type=int, default=600, help="MNI152 slices for the encoding table")
     parser.add_argument("--skip-variants", action="store_true", help="only the overlapped stage, no ablations")
