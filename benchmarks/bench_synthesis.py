@@ -37,6 +37,7 @@ from PIL import Image
 
 from benchmarks.common import (
     LABELS,
+    ROOT,
     GpuUtilisation,
     Target,
     Timer,
@@ -48,6 +49,7 @@ from benchmarks.common import (
     write_real_dataset,
 )
 
+MEDNIST_INFERENCE = ROOT / "generators" / "zoo" / "mednist_gan" / "configs" / "inference.json"
 ARCHITECTURES = ("cgan", "vae", "ddpm", "pix2pix")  # conditional: the stage makes images per class
 
 
@@ -194,41 +196,32 @@ def naive_rate(generator: Any, out: Path, count: int, batch_size: int) -> float:
 
 
 def naive_monai_rate(generator: Any, out: Path, count: int) -> float:
-    """The MONAI MedNIST GAN bundle's inference post-processing, image by image: the
-    network's raw output for one latent, ``Activationsd(sigmoid)``, ``ToTensord`` and
-    ``SaveImaged`` (PNG, scale 255, uint8), as in ``shared/models/mednist_gan``'s
-    ``inference.json``. cGAN only (needs the raw network)."""
+    """The MONAI MedNIST GAN bundle's own inference post-processing, image by image: the
+    network's raw output for one latent through the ``postprocessing`` of the shipped
+    bundle's ``configs/inference.json`` (``Activationsd`` sigmoid, ``ToTensord``,
+    ``SaveImaged`` PNG at scale 255, uint8), parsed by MONAI's ``ConfigParser`` with only
+    ``output_dir`` overridden. cGAN only (needs the raw network)."""
     import logging
 
     import torch
     import torch.nn.functional as F
-    from monai.transforms import Activationsd, Compose, SaveImaged, ToTensord
+    from monai.bundle import ConfigParser
 
     out.mkdir(parents=True, exist_ok=True)
-    post = Compose(
-        [
-            Activationsd(keys="pred", sigmoid=True),
-            ToTensord(keys="pred", track_meta=False),
-            SaveImaged(
-                keys="pred",
-                output_dir=str(out),
-                output_ext="png",
-                separate_folder=False,
-                scale=255,
-                output_dtype=np.uint8,
-                meta_key_postfix=None,
-                print_log=False,
-            ),
-        ]
-    )
+    parser = ConfigParser()
+    parser.read_config(MEDNIST_INFERENCE)
+    parser["output_dir"] = str(out)
+    post = parser.get_parsed_content("postprocessing")
     cfg = generator.cfg
-    logging.getLogger("monai").setLevel(logging.WARNING)
+    logging.getLogger("monai.data.image_writer").setLevel(logging.WARNING)  # it logs every file at INFO
     with Timer() as t, torch.inference_mode():
         for i in range(count):
             z = torch.randn(1, cfg.latent_dim)
             onehot = F.one_hot(torch.tensor([i % cfg.n_labels]), cfg.n_labels).float()
             raw = generator.module(z, onehot)
             post({"pred": raw[0]})
+    if len(list(out.glob("*.png"))) < count:
+        raise RuntimeError(f"the bundle's post-processing wrote fewer than {count} PNG files to {out}")
     return count / t.s
 
 

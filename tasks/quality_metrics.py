@@ -117,9 +117,13 @@ def mmd2_unbiased(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float
     m, n = k_xx.shape[0], k_yy.shape[0]
     if m < 2 or n < 2:
         raise DataError(f"expected at least 2 samples per set for unbiased MMD, got {m} and {n}")
-    xx = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
-    yy = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
-    return float(xx + yy - 2.0 * k_xy.mean())
+    return _mmd2_from_sums(k_xx.sum() - np.trace(k_xx), k_yy.sum() - np.trace(k_yy), k_xy.mean(), m, n)
+
+
+def _mmd2_from_sums(xx_off_diagonal: float, yy_off_diagonal: float, xy_mean: float, m: int, n: int) -> float:
+    """The unbiased MMD^2 from the off-diagonal sums of ``k_xx`` ``(m, m)`` and ``k_yy``
+    ``(n, n)`` and the mean of ``k_xy``."""
+    return float(xx_off_diagonal / (m * (m - 1)) + yy_off_diagonal / (n * (n - 1)) - 2.0 * xy_mean)
 
 
 def _subset_mmd2(k_rr: np.ndarray, k_ss: np.ndarray, k_rs: np.ndarray, i: np.ndarray, j: np.ndarray) -> float:
@@ -131,10 +135,13 @@ def _subset_mmd2(k_rr: np.ndarray, k_ss: np.ndarray, k_rs: np.ndarray, i: np.nda
     w_i[i] = 1.0
     w_j = np.zeros(k_ss.shape[0])
     w_j[j] = 1.0
-    xx = (w_i @ k_rr @ w_i - k_rr.diagonal()[i].sum()) / (m * (m - 1))
-    yy = (w_j @ k_ss @ w_j - k_ss.diagonal()[j].sum()) / (n * (n - 1))
-    xy = (w_i @ k_rs @ w_j) / (m * n)
-    return float(xx + yy - 2.0 * xy)
+    return _mmd2_from_sums(
+        w_i @ k_rr @ w_i - k_rr.diagonal()[i].sum(),
+        w_j @ k_ss @ w_j - k_ss.diagonal()[j].sum(),
+        (w_i @ k_rs @ w_j) / (m * n),
+        m,
+        n,
+    )
 
 
 def kid(

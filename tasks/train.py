@@ -17,7 +17,7 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from generators import registry
 from generators.card import Conditioning, ModelCard, TrainingInfo, Weights, save_card
 from generators.errors import DataError, GeneratorError
 from generators.shards import dataset_digest, decode_table, read_manifest, read_table, replace_dir, write_json_atomic
+from generators.train_spec import TrainSpec
 from generators.training import TrainingData, train_cgan, train_generator
 from generators.weights import save_weights, verify_sha256
 from tasks.config import PipelineConfig
@@ -127,11 +128,27 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
         tags=("conditional", "gan", f"{size}x{size}"),
     )
     save_card(card, staging / "card.yaml")
+    return _finish(staging, card, result, spec, data, device, checkpoint, ("epoch", "loss_d", "loss_g"))
+
+
+def _finish(
+    staging: Path,
+    card: ModelCard,
+    result: Any,
+    spec: TrainSpec,
+    data: TrainingData,
+    device: str,
+    checkpoint: Path,
+    columns: Sequence[str],
+) -> dict[str, Any]:
+    """After a training run (``result``: ``.history``, ``.time_s``, ``.resumed_from_epoch``):
+    write ``history.csv`` (``columns``: ``epoch`` then the losses, 6 decimals), drop the
+    checkpoint and return the stage summary."""
     with open(staging / "history.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "loss_d", "loss_g"])
+        writer.writerow(columns)
         for row in result.history:
-            writer.writerow([int(row["epoch"]), f"{row['loss_d']:.6f}", f"{row['loss_g']:.6f}"])
+            writer.writerow([int(row["epoch"]), *(f"{row[k]:.6f}" for k in columns[1:])])
     checkpoint.unlink(missing_ok=True)
     return {
         "generator": card.ref,
@@ -222,21 +239,7 @@ def _train_architecture(
     )
     save_card(card, staging / "card.yaml")
     columns = list(result.history[0]) if result.history else ["epoch"]
-    with open(staging / "history.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in result.history:
-            writer.writerow([int(row["epoch"]), *(f"{row[k]:.6f}" for k in columns[1:])])
-    checkpoint.unlink(missing_ok=True)
-    return {
-        "generator": card.ref,
-        "trained": True,
-        "time_s": round(result.time_s, 2),
-        "epochs": spec.epochs,
-        "images": len(data.images),
-        "device": device,
-        "resumed_from_epoch": result.resumed_from_epoch,
-    }
+    return _finish(staging, card, result, spec, data, device, checkpoint, columns)
 
 
 def _select_existing(cfg: PipelineConfig, staging: Path) -> dict[str, Any]:
