@@ -37,8 +37,26 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
+class _NoTracebackForExpectedErrors(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback; for a
+    :class:`SynthmedError` (a problem the user can fix, printed as one ``error:`` line at
+    the end) the log line stays and the traceback goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SynthmedError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """The flow, under the pipeline's lock (a second run of the same pipeline fails at once,
+    before any server starts) and with a temporary Prefect server that dies with this
+    process (flows/ephemeral.py) unless ``PREFECT_API_URL`` names one."""
+    from flows.ephemeral import start_tied_server
     from flows.pipeline import AugmentParams, augment
+    from tasks.config import load_pipeline
+    from tasks.lock import pipeline_lock
+    from tasks.paths import PipelinePaths
 
     params = AugmentParams(
         pipeline=args.pipeline,
@@ -47,7 +65,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         dvc_push=args.push,
         shard_workers=args.shard_workers,
     )
-    summaries = augment(params)
+    load_pipeline(args.pipeline, args.config)  # a config error before anything starts
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForExpectedErrors())
+    with pipeline_lock(PipelinePaths(args.config.parent, args.pipeline)):
+        start_tied_server()
+        summaries = augment(params)
     report = summaries["report"]
     retrain = summaries["retrain"]
     print(f"report: {report.get('report')}")

@@ -6,6 +6,8 @@ task options, logic in ``tasks``.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
-from generators.errors import TransientError
+from generators.errors import QualityGateError, TransientError
 from tasks.config import PipelineConfig, load_pipeline
+from tasks.lock import pipeline_lock
 from tasks.paths import PipelinePaths
 from tasks.stages import ORDER, fingerprint, run_stage, up_to_date
 
@@ -49,13 +52,33 @@ def _pipeline(pipeline: str, config: str | Path) -> tuple[PipelineConfig, Pipeli
     return load_pipeline(pipeline, config), PipelinePaths(Path(config).resolve().parent, pipeline)
 
 
+def project_id(root: Path) -> str:
+    """A short digest of the resolved project root: names the project in cache keys
+    without putting its path (which may hold a name) into Prefect's database."""
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+
+
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache on the stage fingerprint (its params, input content and code). The flow
+    """Cache on the project and the stage fingerprint (its params, input content and code).
+    Prefect's result storage is per user, shared by every project: the project id keeps
+    one project from being served another's result (summaries hold output paths). The flow
     refreshes the entry whenever the outputs on disk no longer match (``_outputs_current``),
     so a cache hit never stands in for deleted or edited outputs."""
     verb, pipeline = parameters["verb"], parameters["pipeline"]
     cfg, paths = _pipeline(pipeline, parameters["config"])
-    return f"synthmed-{pipeline}-{verb}-{fingerprint(verb, cfg, paths)}"
+    return f"synthmed-{project_id(paths.root)}-{pipeline}-{verb}-{fingerprint(verb, cfg, paths)}"
+
+
+def _holding_pipeline_lock(fn: Any) -> Any:
+    """Run the flow function under the pipeline's lock (``tasks/lock.py``): a second run of
+    the same pipeline in the same project fails at once instead of sharing its files."""
+
+    @functools.wraps(fn)
+    def locked(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
+        with pipeline_lock(PipelinePaths(Path(params.config).resolve().parent, params.pipeline)):
+            return fn(params)
+
+    return locked
 
 
 def _outputs_current(verb: str, pipeline: str, config: str) -> bool:
@@ -82,6 +105,14 @@ def stage(verb: str, pipeline: str, config: str, shard_workers: int = 1) -> dict
     summary = run_stage(verb, cfg, paths, force=False, **options)
     get_run_logger().info("%s: %s", verb, "up to date, skipped" if summary.get("skipped") else "done")
     return summary
+
+
+@task(task_run_name="preflight", cache_policy=NO_CACHE)
+def preflight_check(pipeline: str, config: str) -> dict[str, Any]:
+    """Enough real images per class and split (tasks/preflight.py): seconds, before training."""
+    from tasks.preflight import preflight
+
+    return preflight(*_pipeline(pipeline, config))
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_only_transient, cache_policy=NO_CACHE)
@@ -122,16 +153,29 @@ def publish_artifacts(pipeline: str, report: dict[str, Any], versions: dict[str,
 
 
 @flow(name="synthmed-augment", log_prints=False)
+@_holding_pipeline_lock
 def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     """One augmentation run of a named pipeline; returns each stage's summary."""
     logger = get_run_logger()
     cfg = load_pipeline(params.pipeline, params.config)  # fail fast with a readable config error
     summaries: dict[str, Any] = {}
+    rejected: QualityGateError | None = None  # the filter's gate refused the synthetic set
     for verb in ORDER:
+        if verb == "retrain" and rejected is not None:
+            logger.warning("retrain skipped: the quality gate rejected the synthetic set")
+            continue
         current = _outputs_current(verb, params.pipeline, str(params.config))
-        summaries[verb] = stage.with_options(refresh_cache=not current)(
-            verb, params.pipeline, str(params.config), params.shard_workers
-        )
+        try:
+            summaries[verb] = stage.with_options(refresh_cache=not current)(
+                verb, params.pipeline, str(params.config), params.shard_workers
+            )
+        except QualityGateError as exc:  # outputs are written; the report still says REJECTED
+            rejected, summaries[verb] = exc, {"rejected": str(exc)}
+        if verb == "ingest":
+            summaries["preflight"] = preflight_check(params.pipeline, str(params.config))
+    if rejected is not None:  # no DVC commit or publication of a rejected set
+        publish_artifacts(params.pipeline, summaries["report"], None)
+        raise QualityGateError(f"{rejected}; report: {summaries['report'].get('report')}")
     versions = None
     if params.dvc_commit:
         from flows.versioning import commit_outputs

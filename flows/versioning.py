@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import yaml
 
 from generators.errors import SynthmedError, TransientError
+from generators.safe_yaml import load_yaml
 from tasks.stages import ORDER
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def repo_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+DVC_FILE_MAX_BYTES = 16 << 20  # dvc.yaml / dvc.lock: read with the bounded YAML loader
 DVC_LOCK_WAIT_S = 300.0  # how long to wait for another DVC process (e.g. a user's push) to finish
 
 
@@ -70,7 +72,7 @@ def pipeline_stages(root: Path, pipeline: str) -> list[str]:
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return []
-    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {})
+    stages = (load_yaml(dvc_yaml, what="dvc.yaml", max_bytes=DVC_FILE_MAX_BYTES) or {}).get("stages", {})
     return [name for name, spec in stages.items() if _cmd_pipeline(str(spec.get("cmd", ""))) == pipeline]
 
 
@@ -99,7 +101,7 @@ def commit_outputs(root: Path, pipeline: str, push: bool = False) -> dict[str, A
         dvc(root, "commit", "--force", *ordered)
         if push:
             dvc(root, "push", *ordered)
-    lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    lock = load_yaml(root / "dvc.lock", what="dvc.lock", max_bytes=DVC_FILE_MAX_BYTES) or {}
     outputs = {
         out["path"]: out.get("md5", "")
         for name in ordered
@@ -129,9 +131,11 @@ def configure_s3_remote(
     [-d] -f NAME URL`` and, for S3-compatible stores, ``dvc remote modify NAME endpointurl
     URL``. Credentials are not written anywhere: DVC reads ``AWS_ACCESS_KEY_ID`` /
     ``AWS_SECRET_ACCESS_KEY`` from the environment. Returns the settings written."""
-    from tasks.storage import S3Uri
+    from tasks.storage import S3Uri, check_endpoint_url
 
-    S3Uri.parse(url)  # a readable error for anything but s3://bucket/prefix
+    S3Uri.parse(url)  # a readable error for anything but s3://bucket/prefix (never echoes credentials)
+    if endpoint_url:  # before anything is written: .dvc/config is tracked by git
+        check_endpoint_url(endpoint_url, "endpoint URL")
     root = Path(root)
     if not (root / ".dvc").is_dir():
         raise SynthmedError(f"{root}: not a DVC project (no .dvc folder); run `dvc init` there first")

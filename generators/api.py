@@ -14,6 +14,7 @@ DataLoader), visualise, contribute (conformance-checked) and export.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -99,6 +100,14 @@ def _unit(images: np.ndarray, value_range: Sequence[float]) -> np.ndarray:
     return (images - low) / (high - low)
 
 
+def file_label(label: str, limit: int = 64) -> str:
+    """A class label made safe for a file name: characters other than letters, digits, '.',
+    '_' and '-' become '_' (``T1/T2`` -> ``T1_T2``: no folder is created from a label),
+    leading dots are dropped, at most ``limit`` characters."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", label).lstrip(".")[:limit]
+    return safe or "label"
+
+
 def generate(
     ref: str,
     n: int,
@@ -143,7 +152,7 @@ def generate(
     elif fmt == "png":
         output.mkdir(parents=True, exist_ok=True)
         for row in rows():
-            label = row.label or "unconditional"
+            label = file_label(row.label or "unconditional")
             (output / f"{row.id}_{label}.png").write_bytes(encode_png(row.image))
     else:
         raise GeneratorError(f"unknown format '{fmt}'; allowed: parquet, png")

@@ -29,13 +29,13 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from generators.card import ModelCard, card_error, save_card
 from generators.contract import GeneratedBatch
 from generators.errors import ConfigError, GeneratorError
 from generators.latent import LatentModule, MonaiGeneratorModule, latent_module, sample_latent
+from generators.safe_yaml import load_yaml, read_text_bounded
 from generators.shards import sha256_file
 from generators.weights import load_weights, verify_sha256
 
@@ -102,6 +102,9 @@ class BundleNetwork(BaseModel):
         return self.config is not None
 
 
+MAX_BUNDLE_JSON_BYTES = 16 << 20  # metadata.json / inference.json are a few KB
+
+
 class _NeedsCode(Exception):
     """Internal: the network can only be built by evaluating the config."""
 
@@ -112,13 +115,13 @@ class _NeedsCode(Exception):
 def _read_structured(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: not found; a MONAI bundle needs configs/metadata.json and an inference config")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(path.read_text())
-        else:
-            data = json.loads(path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid JSON/YAML ({exc}); fix the syntax") from None
+    if path.suffix in (".yaml", ".yml"):
+        data = load_yaml(path, what="bundle config")  # bounded size and alias expansion
+    else:
+        try:
+            data = json.loads(read_text_bounded(path, max_bytes=MAX_BUNDLE_JSON_BYTES, what="bundle config"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

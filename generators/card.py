@@ -7,6 +7,7 @@ A card can express every field of a medigan ``global.json`` entry (see
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,8 +15,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from generators.errors import ConfigError
+from generators.safe_yaml import load_yaml
 
-ARCHITECTURES = ("cgan", "dcgan", "vae", "ddpm", "pix2pix", "monai_bundle", "torchscript", "external")
+ARCHITECTURES = (
+    "cgan",
+    "dcgan",
+    "vae",
+    "ddpm",
+    "pix2pix",
+    "noise",
+    "blobs",
+    "real-holdout",
+    "monai_bundle",
+    "torchscript",
+    "external",
+)
 
 
 def known_architectures() -> tuple[str, ...]:
@@ -27,8 +41,23 @@ def known_architectures() -> tuple[str, ...]:
     return tuple(dict.fromkeys((*ARCHITECTURES, *LOADERS)))
 
 
+MAX_ID_CHARS = 128
+# ids and versions become folder names in registries (<registry>/<id>/<version>/): no
+# absolute paths, no '..', no separators other than '/', nothing a shell or Windows mangles
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,2}")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,31}")
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class CardModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base: unknown keys are errors, instances immutable, NaN and infinity refused (a NaN
+    metric would silently scramble ``rank``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Metric(CardModel):
@@ -113,9 +142,22 @@ class ModelCard(CardModel):
     @field_validator("id")
     @classmethod
     def _id_is_safe(cls, value: str) -> str:
-        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_./")
-        if not value or set(value.lower()) - allowed or ".." in value or "@" in value:
-            raise ValueError("id must be letters, digits, '-', '_', '.', '/' (no '@', no '..')")
+        if len(value) > MAX_ID_CHARS or not ID_PATTERN.fullmatch(value) or ".." in value:
+            raise ValueError(
+                f"id must be 1-3 '/'-separated names of letters, digits, '.', '_', '-', each starting with a "
+                f"letter or digit, at most {MAX_ID_CHARS} characters, no '..' (e.g. 'synthmed/mni152-cgan'); "
+                f"got {_shown(value)}"
+            )
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version_is_safe(cls, value: str) -> str:
+        if not VERSION_PATTERN.fullmatch(value) or ".." in value:
+            raise ValueError(
+                "version must be 1-32 letters, digits, '.', '+', '_', '-', starting with a letter or digit, "
+                f"no '..' or '/' (e.g. '1.0.0'); got {_shown(value)}"
+            )
         return value
 
     @field_validator("architecture")
@@ -148,22 +190,22 @@ def card_error(exc: ValidationError, origin: str) -> ConfigError:
         if item["type"] == "extra_forbidden":
             guess = difflib.get_close_matches(str(item["loc"][-1]), list(ModelCard.model_fields), n=1)
             message = "unknown key" + (f" (did you mean '{guess[0]}'?)" if guess else "")
-        parts.append(f"{key}: {message}")
-    return ConfigError(f"{origin}: invalid model card: {'; '.join(parts)}; see generators/zoo/*/card.yaml for examples")
-
-
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        parts.append(" ".join(f"{key}: {message}".split()))  # keys and messages may hold newlines
+    more = f"; and {len(parts) - 5} more problem(s)" if len(parts) > 5 else ""
+    return ConfigError(
+        f"{origin}: invalid model card: {'; '.join(parts[:5])}{more}; see generators/zoo/*/card.yaml for examples"
+    )
 
 
 def load_card(path: Path | str) -> ModelCard:
-    """Read and validate a card YAML file."""
+    """Read and validate a card YAML file (through :func:`generators.safe_yaml.load_yaml`:
+    bounded size and alias expansion, no duplicate keys)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: model card not found; pass the path of a card YAML file")
-    try:
-        data = yaml.load(path.read_text(), Loader=_YAML_LOADER)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: model card is not valid YAML ({exc}); fix the syntax") from None
+    data = load_yaml(path, what="model card", invalid="model card is not valid YAML")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a model card (a YAML mapping), got {type(data).__name__}")
     try:
         return ModelCard.model_validate(data)
     except ValidationError as exc:

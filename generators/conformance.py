@@ -38,7 +38,7 @@ import numpy as np
 from generators.card import ModelCard, load_card, save_card
 from generators.contract import GeneratedBatch
 from generators.errors import GeneratorError, SynthmedError
-from generators.registry import Entry, list_entries, load_generator, user_registry_dir
+from generators.registry import Entry, list_entries, load_generator, safe_join, user_registry_dir
 from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,14 @@ def stage(card_path: Path | str, weights: Path | str | None, dest: Path | str) -
     card = load_card(card_path)
     if card.weights.file is None:
         raise GeneratorError(f"{card.ref}: the card declares no weights.file; set it to the weights' file name")
-    source = Path(weights) if weights is not None else card_path.parent / card.weights.file
+    source = (
+        Path(weights)
+        if weights is not None
+        else safe_join(card_path.parent, card.weights.file, what=f"{card.ref}: weights.file")
+    )
     if not source.is_file():
         raise GeneratorError(f"{source}: weights file not found; pass the path of the weights to register")
-    target = dest / card.weights.file
+    target = safe_join(dest, card.weights.file, what=f"{card.ref}: weights.file")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     config = card.network.get("config") if card.architecture == "monai_bundle" else None
@@ -113,7 +117,7 @@ def stage(card_path: Path | str, weights: Path | str | None, dest: Path | str) -
         (dest / config).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(config_source, dest / config)
     for name in ATTRIBUTION:  # licence and provenance travel with the model
-        source_item = card_path.parent / name
+        source_item = safe_join(card_path.parent, name, what=f"{card.ref}: {name}")  # no symlink out of the folder
         if source_item.is_dir() and not (dest / name).exists():
             shutil.copytree(source_item, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif source_item.is_file():
@@ -284,7 +288,7 @@ def register(
     registry = Path(registry) if registry is not None else user_registry_dir()
     card = load_card(card_path)
     existing = [e for e in list_entries() if e.card.ref == card.ref]
-    destination = registry / card.id / card.version
+    destination = safe_join(registry, *card.id.split("/"), card.version, what=f"{card.ref}: registry folder")
     if existing or destination.exists():
         where = existing[0].path if existing else destination
         raise GeneratorError(f"{card.ref} is already registered ({where}); bump the card's version to add a new one")

@@ -213,11 +213,14 @@ def monai_generator_kwargs(net: nn.Module) -> dict[str, Any]:
 
 def _cgan_latent_module(generator: Any) -> LatentModule:
     cfg = generator.cfg
-    net = generator.module.net  # the MONAI Generator that ConditionalGenerator runs on cat(z, onehot)
+    net = generator.module.net  # what ConditionalGenerator runs on cat(z, onehot)
     wrapper = MonaiGeneratorModule(
         net, cfg.channels, cfg.n_labels, cfg.mask_classes, "sigmoid", "row_major", generator.card.value_range
     )
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    monai = None  # the 'upsample' style is not a MONAI network: it is exported as TorchScript
+    if cfg.style == "mednist":
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        monai = MonaiNetwork("Generator", monai_generator_kwargs(net), state)
     return LatentModule(
         module=wrapper.eval(),
         latent_dim=cfg.latent_dim,
@@ -228,7 +231,7 @@ def _cgan_latent_module(generator: Any) -> LatentModule:
         mask_channel=cfg.mask_classes > 0,
         activation="sigmoid",
         spatial_order="row_major",
-        monai=MonaiNetwork("Generator", monai_generator_kwargs(net), state),
+        monai=monai,
     )
 
 

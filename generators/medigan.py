@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from generators.card import Metric, ModelCard, card_error, save_card
 from generators.errors import ConfigError
+from generators.safe_paths import safe_join
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +229,17 @@ def import_medigan(global_json: Path | str, out: Path | str) -> list[ModelCard]:
     global_json, out = Path(global_json), Path(out)
     index = read_medigan_index(global_json)
     cards = {model_id: card_from_entry(model_id, entry) for model_id, entry in sorted(index.items())}
+    folders = {model_id: safe_join(out, model_id, what=f"medigan entry {model_id[:60]!r}") for model_id in cards}
+    for model_id, folder in folders.items():  # one folder per model, directly under out
+        if "/" in model_id or folder.parent != out.resolve():
+            raise ConfigError(
+                f"medigan entry {model_id[:60]!r}: a model id must be one folder name (letters, digits, '.', '_', "
+                "'-'); fix the key in global.json"
+            )
     out.mkdir(parents=True, exist_ok=True)
     for model_id, card in cards.items():
-        (out / model_id).mkdir(exist_ok=True)
-        save_card(card, out / model_id / "card.yaml")
+        folders[model_id].mkdir(exist_ok=True)
+        save_card(card, folders[model_id] / "card.yaml")
     licence = global_json.parent / "LICENSE"
     if licence.is_file() and licence.resolve() != (out / "LICENSE").resolve():
         shutil.copyfile(licence, out / "LICENSE")

@@ -19,7 +19,8 @@ from typing import Iterable
 
 from generators.card import ModelCard, load_card
 from generators.contract import Generator
-from generators.errors import GeneratorError
+from generators.errors import ConfigError, GeneratorError
+from generators.safe_paths import safe_join
 from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ class Entry:
 
     @property
     def weights_path(self) -> Path | None:
+        """The weights file, which must lie inside the card's folder (a symlink that leads
+        out of it, e.g. to ``/etc/passwd``, is refused with a ConfigError)."""
         if self.card.weights.file is None:
             return None
-        return self.path.parent / self.card.weights.file
+        return safe_join(self.path.parent, self.card.weights.file, what=f"{self.card.ref}: weights.file")
 
 
 def user_registry_dirs() -> list[Path]:
@@ -58,12 +61,29 @@ def registry_dirs(extra: Iterable[Path] = ()) -> list[Path]:
     return [SHIPPED_CARDS, SHIPPED_ZOO, *extra, *user_registry_dirs()]
 
 
+_WARNED: set[tuple[str, str]] = set()  # (card path, reason) already warned about in this process
+
+
 def list_entries(dirs: Iterable[Path] | None = None) -> list[Entry]:
-    """Every card under the registry directories, sorted by id then version."""
+    """Every valid card under the registry directories, sorted by id then version. A
+    broken card (invalid YAML or fields) is skipped with one warning line naming its
+    file and the reason, so it cannot hide the others; ``synthmed generators check
+    <card>`` reports it in full."""
     entries = []
     for directory in dirs if dirs is not None else registry_dirs():
         for card_path in sorted(Path(directory).glob("**/card.yaml")):
-            entries.append(Entry(load_card(card_path), card_path))
+            try:
+                entries.append(Entry(load_card(card_path), card_path))
+            except ConfigError as exc:
+                reason = " ".join(str(exc).split())
+                if (str(card_path), reason) not in _WARNED:
+                    _WARNED.add((str(card_path), reason))
+                    log.warning(
+                        "skipping broken card %s: %s (check it with: synthmed generators check %s)",
+                        card_path,
+                        reason.removeprefix(f"{card_path}: "),
+                        card_path,
+                    )
     return sorted(entries, key=lambda e: (e.card.id, e.card.version))
 
 

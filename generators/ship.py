@@ -23,7 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from generators.card import Metric, ModelCard, load_card, save_card
+from pydantic import ValidationError
+
+from generators.card import Metric, ModelCard, card_error, load_card, save_card
 from generators.errors import DataError
 from generators.shards import sha256_file
 from tasks.paths import PipelinePaths
@@ -113,6 +115,10 @@ def ship_generator(
     card = load_card(card_path)
     if not card.weights.file:
         raise DataError(f"{card_path}: the card names no weights file; only trained generators can be shipped")
+    try:  # model_copy below does not validate: check the new id and version before writing anything
+        ModelCard.model_validate({**card.model_dump(mode="json"), "id": card_id, "version": version})
+    except ValidationError as exc:
+        raise card_error(exc, f"ship --id {card_id[:60]!r}") from None
     fill = {k: v for k, v in described.items() if getattr(card, k) in UNKNOWN}
     train = _read_optional(paths.metrics / "train.json") or {}
     out.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,16 @@ and batch size. Kept free of torch imports so that reading a config stays fast."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MASK_ARCHITECTURES = ("cgan", "pix2pix")  # the architectures that use ``with_masks``
+MAX_SEED = 2**32 - 1
+#: A random seed: a whole number in [0, 2**32 - 1] (what numpy's legacy seeding accepts);
+#: floats, strings, booleans and negatives are refused by ``synthmed validate``.
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
+
+MASK_ARCHITECTURES = ("cgan", "pix2pix", "noise", "blobs", "real-holdout")  # the architectures that use ``with_masks``
 
 
 class TrainSpec(BaseModel):
@@ -17,7 +22,8 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    architecture: Literal["cgan", "dcgan", "vae", "ddpm", "pix2pix"] = "cgan"
+    #: noise, blobs (negative) and real-holdout (positive): controls, see generators/architectures/controls.py
+    architecture: Literal["cgan", "dcgan", "vae", "ddpm", "pix2pix", "noise", "blobs", "real-holdout"] = "cgan"
     loss: Literal["hinge", "bce"] = "hinge"
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -26,6 +32,12 @@ class TrainSpec(BaseModel):
     betas: tuple[float, float] = (0.5, 0.999)
     latent_dim: int = Field(64, ge=1)
     base_channels: int = Field(32, ge=4)
+    cgan_style: Literal["mednist", "upsample"] = Field(
+        "mednist",
+        description="cgan: 'mednist' = MONAI's Generator/Discriminator of the MedNIST GAN bundle (small, fast); "
+        "'upsample' = resize-convolution generator + spectral-norm projection discriminator with a "
+        "minibatch-stddev channel (sharper, ~4x the compute; image size divisible by 16)",
+    )
     with_masks: bool = Field(False, description="also generate the tissue mask (paired generator)")
     diffaugment: bool = Field(
         True,
@@ -34,7 +46,7 @@ class TrainSpec(BaseModel):
     )
     amp: bool = Field(True, description="bf16 autocast on GPU; ignored on CPU")
     checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")
-    seed: int = 0
+    seed: Seed = 0
     kl_weight: float = Field(1.0, ge=0, description="vae: weight of the KL term (a beta-VAE when not 1)")
     timesteps: int = Field(1000, ge=2, description="ddpm: diffusion steps of the training noise schedule")
     ddim_steps: int = Field(50, ge=1, description="ddpm: DDIM denoising steps per generated batch")

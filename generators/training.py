@@ -8,6 +8,7 @@ import copy
 import importlib
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from generators.architectures.cgan import (
     split_outputs,
 )
 from generators.errors import DataError
+from generators.shards import sha256_file
 from generators.train_spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ def train_cgan(
         latent_dim=spec.latent_dim,
         base_channels=spec.base_channels,
         mask_classes=data.mask_classes if spec.with_masks else 0,
+        style=spec.cgan_style,
     )
     if spec.with_masks and data.masks is None:
         raise DataError(
@@ -147,8 +150,11 @@ def train_cgan(
     d_loss_fn = _hinge_d if spec.loss == "hinge" else _bce_d
     history: list[dict[str, float]] = []
     start_epoch = 0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(
+        checkpoint,
+        lambda s: _check_cgan_state(s, {"generator": gen_net, "discriminator": disc_net, "ema": ema}, spec.epochs),
+    )
+    if state is not None:
         gen_net.load_state_dict(state["generator"])
         disc_net.load_state_dict(state["discriminator"])
         ema.load_state_dict(state["ema"])
@@ -238,11 +244,95 @@ def train_cgan(
     )
 
 
+def _checkpoint_digest_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` atomically, then its sha256 next to it (``<name>.sha256``), so a
+    checkpoint changed on disk afterwards (a flipped bit loads without error) is known."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
+    digest_tmp = path.with_name(f".{path.name}.sha256.tmp")
+    digest_tmp.write_text(digest + "\n")
+    os.replace(digest_tmp, _checkpoint_digest_path(path))
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Remove a checkpoint and its recorded sha256."""
+    Path(path).unlink(missing_ok=True)
+    _checkpoint_digest_path(Path(path)).unlink(missing_ok=True)
+
+
+# what reading a damaged or foreign checkpoint raises (torch's zip reader: RuntimeError;
+# a short file: EOFError; bytes that are no checkpoint: UnpicklingError; our checks: ValueError)
+CHECKPOINT_ERRORS = (
+    OSError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    pickle.UnpicklingError,
+)
+
+
+def load_checkpoint(checkpoint: Path | None, check: Callable[[Any], None]) -> dict[str, Any] | None:
+    """The state saved by :func:`_save_checkpoint`, or None when there is none. A checkpoint
+    whose sha256 differs from the one recorded at write (or has none), that torch cannot
+    read (``weights_only=True``: nothing pickled is executed), or that ``check`` rejects
+    (it raises ``ValueError`` when the state does not fit the networks being trained) is
+    discarded with one warning: training then starts from epoch 0 instead of failing
+    every rerun."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    path = Path(checkpoint)
+    try:
+        recorded = _checkpoint_digest_path(path).read_text().strip()
+        if sha256_file(path) != recorded:
+            raise ValueError("sha256 differs from the one recorded when it was written")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a dict, got {type(state).__name__}")
+        check(state)
+    except CHECKPOINT_ERRORS as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        log.warning("%s: unusable training checkpoint (%s); discarded, training from scratch", path.name, reason)
+        discard_checkpoint(path)
+        return None
+    return state
+
+
+def _check_module_state(name: str, saved: Any, module: torch.nn.Module) -> None:
+    """Raise ValueError unless ``saved`` has exactly ``module``'s state keys and shapes."""
+    expected = module.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        raise ValueError(f"{name}: the saved parameter names differ from the network's")
+    for key, tensor in expected.items():
+        if not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
+            raise ValueError(f"{name}.{key}: saved shape differs from the network's {tuple(tensor.shape)}")
+
+
+def _check_epoch(state: dict[str, Any], epochs: int) -> None:
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or not 0 <= epoch <= epochs:
+        raise ValueError(f"epoch {epoch!r} is outside 0..{epochs}")
+
+
+def _check_cgan_state(state: dict[str, Any], modules: dict[str, torch.nn.Module], epochs: int) -> None:
+    for name, module in modules.items():
+        _check_module_state(name, state[name], module)
+    for key in ("opt_g", "opt_d"):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"{key}: expected an optimiser state")
+    history = state["history"]
+    if not isinstance(history, torch.Tensor) or history.ndim != 2 or history.shape[1] != 3:
+        raise ValueError("history: expected an (epochs, 3) tensor")
+    _check_epoch(state, epochs)
 
 
 # --- shared harness of the zoo architectures (dcgan, vae, ddpm, pix2pix) -------------------
@@ -389,8 +479,8 @@ def fit(
     rng = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = []
     start_epoch = 0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint, lambda s: _check_fit_state(s, recipe, ema, spec.epochs))
+    if state is not None:
         for name, network in recipe.networks.items():
             network.load_state_dict(state["networks"][name])
         for name, optimizer in recipe.optimizers.items():
@@ -466,12 +556,29 @@ def fit(
     )
 
 
+def _check_fit_state(state: dict[str, Any], recipe: Recipe, ema: torch.nn.Module, epochs: int) -> None:
+    if not isinstance(state["networks"], dict) or set(state["networks"]) != set(recipe.networks):
+        raise ValueError(f"networks: expected {sorted(recipe.networks)}")
+    for name, network in recipe.networks.items():
+        _check_module_state(name, state["networks"][name], network)
+    _check_module_state("ema", state["ema"], ema)
+    optimizers = state["optimizers"]
+    if not isinstance(optimizers, dict) or set(optimizers) != set(recipe.optimizers):
+        raise ValueError(f"optimizers: expected {sorted(recipe.optimizers)}")
+    if not isinstance(state["history"], list) or not all(isinstance(row, dict) for row in state["history"]):
+        raise ValueError("history: expected a list of rows")
+    _check_epoch(state, epochs)
+
+
 # architecture -> (module, train function); imported lazily because the modules import this one
 _TRAINERS: dict[str, tuple[str, str]] = {
     "dcgan": ("generators.architectures.dcgan", "train_dcgan"),
     "vae": ("generators.architectures.vae", "train_vae"),
     "ddpm": ("generators.architectures.ddpm", "train_ddpm"),
     "pix2pix": ("generators.architectures.pix2pix", "train_pix2pix"),
+    "noise": ("generators.architectures.controls", "train_noise"),
+    "blobs": ("generators.architectures.controls", "train_blobs"),
+    "real-holdout": ("generators.architectures.controls", "train_real_holdout"),
 }
 
 

@@ -16,14 +16,16 @@ environment. DVC reads the same file as its params file.
 from __future__ import annotations
 
 import difflib
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from generators.errors import ConfigError
-from generators.train_spec import TrainSpec
+from generators.safe_yaml import load_yaml
+from generators.train_spec import Seed, TrainSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
@@ -87,6 +89,10 @@ def _check_s3_uri(value: str) -> str:
     bucket = value[len("s3://") :].partition("/")[0] if value.startswith("s3://") else ""
     if not bucket:
         raise ValueError("expected an s3://bucket/prefix URI, e.g. s3://my-bucket/images")
+    if "@" in bucket:
+        raise ValueError(
+            "an s3:// URI must not contain credentials; put keys in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
     return value.rstrip("/")
 
 
@@ -139,6 +145,21 @@ class PreprocessSpec(Strict):
     min_foreground: float = Field(0.05, ge=0, le=1)
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     split: SplitSpec = SplitSpec()
+    max_pixels: int = Field(
+        64 * 1024 * 1024,
+        ge=64,
+        le=1024 * 1024 * 1024,
+        description="largest 2D image (H x W, read from the header before decoding); bigger files are rejected",
+    )
+    max_voxels: int = Field(
+        512**3,
+        ge=64,
+        le=2048**3,
+        description="largest volume (I x J x K, or rows x cols x frames, from the header); bigger files are rejected",
+    )
+    max_aspect_ratio: float = Field(
+        20.0, ge=1, le=1000, description="longest / shortest side of an image or slice above which it is rejected"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "PreprocessSpec":
@@ -167,20 +188,31 @@ class GeneratorSpec(Strict):
         return self
 
 
+MAX_IMAGES_PER_CLASS = 1_000_000  # the synthesis plan holds one id per image in memory (~150 bytes each)
+MAX_SHARD_ROWS = 65_536
+MAX_BATCH_SIZE = 4_096
+MAX_SHARD_BYTES = 2 << 30  # synthesis.shard_rows x image bytes: one shard is held in memory before it is written
+#: images to make for one class: a whole number in [0, MAX_IMAGES_PER_CLASS] (no floats, no strings)
+ImageCount = Annotated[int, Field(ge=0, le=MAX_IMAGES_PER_CLASS, strict=True)]
+
+
 class SynthesisSpec(Strict):
     """How many images per class; ``counts`` overrides ``count_per_class`` per label.
     ``balance`` tops every class up to the largest real training class instead.
     ``compile``: ``torch.compile`` the generator's network (true/false), or ``auto`` =
     only when the run makes at least ``compile_min_images`` images with an architecture
     measured faster compiled (not DDPM; the one-off compile takes 10-30 s; see
-    ``generators/compiled.py``)."""
+    ``generators/compiled.py``).
+    Bounds (checked by ``synthmed validate``): counts are whole numbers in
+    [0, :data:`MAX_IMAGES_PER_CLASS`]; ``seed`` in [0, 2**32 - 1]; ``shard_rows`` x image bytes
+    at most :data:`MAX_SHARD_BYTES`."""
 
-    count_per_class: int = Field(100, ge=0)
-    counts: dict[str, int] = Field(default_factory=dict)
+    count_per_class: ImageCount = 100
+    counts: dict[str, ImageCount] = Field(default_factory=dict)
     balance: bool = False
-    shard_rows: int = Field(256, ge=1)
-    batch_size: int = Field(64, ge=1)
-    seed: int = 1234
+    shard_rows: int = Field(256, ge=1, le=MAX_SHARD_ROWS, strict=True)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, strict=True)
+    seed: Seed = 1234
     compile: Union[bool, Literal["auto"]] = "auto"
     compile_min_images: int = Field(20_000, ge=0)
 
@@ -207,6 +239,35 @@ class LabelFilter(Strict):
     epochs: int = Field(15, ge=1)
 
 
+class MaskFilter(Strict):
+    """Paired (image + mask) synthetic sets, the segmentation twin of label consistency
+    (``tasks/mask_filters.py``), calibrated on the real train masks: a mask with a class the
+    real masks never hold is dropped; so is an implausible mask (foreground fraction below
+    ``foreground_low_scale`` x the real 1st percentile or above ``foreground_high_scale`` x
+    the real 99th, empty when no real mask is, or more connected components than
+    ``components_scale`` x the real 99th percentile); and a pair whose mask disagrees with
+    its image: Dice below ``min_dice`` between the synthetic mask and the mask a MONAI UNet
+    (trained ``epochs`` passes over the real train pairs) predicts for the synthetic image.
+    The UNet is trusted only when it would drop at most ``max_real_drop_fraction`` of the
+    real val pairs; otherwise the agreement filter scores but drops nothing.
+    ``enabled``: ``auto`` = on when the synthetic set has masks."""
+
+    enabled: Union[bool, Literal["auto"]] = "auto"
+    min_dice: float = Field(0.5, ge=0, le=1)
+    epochs: int = Field(30, ge=1)
+    foreground_low_scale: float = Field(0.5, ge=0, le=1)
+    foreground_high_scale: float = Field(1.5, ge=1)
+    components_scale: float = Field(2.0, ge=1)
+    max_real_drop_fraction: float = Field(0.1, ge=0, le=1)
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("expected true, false or 'auto'")
+
+
 class NearestNeighbourFilter(Strict):
     """A distance threshold on nearest-neighbour distances, in ``space`` ``pixel`` (RMSE of
     [0, 1] pixels) or ``feature`` (Euclidean, in the features of ``quality.metrics.extractor``).
@@ -231,17 +292,24 @@ class DuplicateFilter(NearestNeighbourFilter):
 
 class SetMetricsSpec(Strict):
     """FID, KID, precision/recall, density/coverage (synthetic vs real train, per class and
-    overall) and MS-SSIM diversity. ``extractor``: ``auto`` = ``classifier`` (the
-    label-consistency classifier's penultimate layer) when the real train split has >= 2
-    labelled classes, else ``random`` (a fixed random-init network, a last resort);
+    overall) and MS-SSIM diversity. ``extractor``: ``auto`` = ``self_supervised`` (a
+    MONAI DenseNet trained contrastively on the real train images for
+    ``self_supervised_steps`` steps, without labels and without the filter's classifier, so
+    it did not choose the kept set it measures); ``classifier`` = the label-consistency
+    classifier's penultimate layer (the network that chose the kept set when the label
+    filter is on: its kept-set numbers are biased in their favour, and recorded as such);
     ``inception`` = the standard FID Inception-V3, whose weights file must be given by
     ``inception_weights`` (a path, relative to the project root) or
-    ``$SYNTHMED_INCEPTION_WEIGHTS`` (never downloaded).
-    ``normalisation``: ``auto`` = the extractor's own (classifier: unit, inception:
-    symmetric, random: zscore)."""
+    ``$SYNTHMED_INCEPTION_WEIGHTS`` (never downloaded); ``random`` = a fixed random-init
+    network (a last resort). Every extractor's quality is a linear probe's balanced
+    accuracy on real val; below chance + 0.15 it is flagged unreliable and its numbers
+    never gate (see QualityGate).
+    ``normalisation``: ``auto`` = the extractor's own (self_supervised and classifier:
+    unit, inception: symmetric, random: zscore)."""
 
     enabled: bool = True
-    extractor: Literal["auto", "classifier", "inception", "random"] = "auto"
+    extractor: Literal["auto", "self_supervised", "classifier", "inception", "random"] = "auto"
+    self_supervised_steps: int = Field(200, ge=1)
     inception_weights: str | None = None
     normalisation: Literal["auto", "unit", "symmetric", "imagenet", "zscore"] = "auto"
     batch_size: int = Field(64, ge=1)
@@ -259,10 +327,42 @@ class SetMetricsSpec(Strict):
         return value
 
 
+class RealismSpec(Strict):
+    """The classifier two-sample test (:mod:`tasks.realism`): a small MONAI CNN trained to
+    tell real train images from the kept synthetic ones, cross-validated over ``folds``
+    folds (real rows grouped by subject), ``epochs`` passes per fold, batches of
+    ``batch_size``, Adam ``lr``; at most ``max_per_class`` images per side and class (the
+    sides are balanced per class); AUC with a 95% cluster-bootstrap interval of
+    ``bootstrap`` resamples, overall and per class. 0.5 = indistinguishable."""
+
+    enabled: bool = True
+    folds: int = Field(5, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    bootstrap: int = Field(1000, ge=100)
+    max_per_class: int = Field(300, ge=6)
+
+
 class QualityGate(Strict):
     """Bounds on the kept set (overall, vs real train); crossing one fails the stage with
-    QualityGateError after its outputs are written. Null = no bound."""
+    QualityGateError after its outputs are written. Null = no bound.
 
+    The realism gate, on by default: ``max_two_sample_auc`` (default 0.9) fails when the
+    LOWER end of the two-sample AUC's 95% interval is above it, overall or in any class,
+    i.e. when a small CNN tells the synthetic images from real ones with AUC above 0.9
+    beyond sampling noise. Measured: noise images and the demo DDPM's kept set give AUC
+    1.00 [1.00, 1.00]; held-out real demo slices standing in as synthetic give 0.61
+    [0.38, 0.84]. A test that could not run (fewer than 6 images per side) fails the bound.
+    With ``realism.enabled: false`` the bound is recorded as not checked (and logged).
+
+    ``min_precision`` / ``min_recall`` / ``max_fid`` / ``max_kid`` (realism on set metrics,
+    off by default) are checked only on a reliable extractor: on an unreliable one (linear
+    probe near chance) such a bound FAILS as "not checked: extractor unreliable", because a
+    bound that was asked for and cannot be verified must not pass silently. Fix a failed
+    realism bound by improving the generator, never by loosening the bound."""
+
+    max_two_sample_auc: float | None = Field(0.9, ge=0.5, le=1)
     max_fid: float | None = Field(None, ge=0)
     max_kid: float | None = None
     min_precision: float | None = Field(None, ge=0, le=1)
@@ -272,14 +372,16 @@ class QualityGate(Strict):
 
 
 class QualitySpec(Strict):
-    """The filter stage: per-sample filters in this order (sanity, label consistency,
+    """The filter stage: per-sample filters in this order (sanity, label consistency, masks,
     memorisation, near-duplicates), set metrics, and the gate; see ``tasks/filter.py``."""
 
     sanity: SanityFilter = SanityFilter()
     label_consistency: LabelFilter = LabelFilter()
+    masks: MaskFilter = MaskFilter()
     memorisation: MemorisationFilter = MemorisationFilter()
     duplicates: DuplicateFilter = DuplicateFilter()
     metrics: SetMetricsSpec = SetMetricsSpec()
+    realism: RealismSpec = RealismSpec()
     gate: QualityGate = QualityGate()
 
     @model_validator(mode="after")
@@ -321,12 +423,12 @@ class RetrainSpec(Strict):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[Seed, ...] = (0, 1, 2)
     synthetic_ratio: float = Field(1.0, ge=0)
     augment: AugmentSpec = AugmentSpec()
     ratios: tuple[Annotated[float, Field(ge=0)], ...] = ()
     real_fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = ()
-    sweep_seeds: tuple[int, ...] | None = None
+    sweep_seeds: tuple[Seed, ...] | None = None
     sweep_steps: int | None = Field(None, ge=1)
     select_on_val: bool = Field(
         True,
@@ -353,6 +455,20 @@ class RetrainSpec(Strict):
         return self
 
 
+class PreflightSpec(Strict):
+    """Checked before any training (``tasks/preflight.py``): images per class in each split
+    of the ingested real dataset (segmentation: images with a mask; a dataset without labels
+    counts per split). Below a minimum the run stops with one line saying what is missing;
+    with ``allow_too_little_data: true`` it goes on and its verdict is "not tested: too little
+    data". Defaults: the fewest with which a conditional generator and a classifier see every
+    class at all, and every class is scored on val and test."""
+
+    min_train_per_class: int = Field(4, ge=1)
+    min_val_per_class: int = Field(1, ge=0)
+    min_test_per_class: int = Field(1, ge=1)
+    allow_too_little_data: bool = False
+
+
 class ReportSpec(Strict):
     grid_per_class: int = Field(8, ge=1, le=64)
 
@@ -374,7 +490,7 @@ class PipelineConfig(Strict):
     """One named pipeline: every stage's parameters."""
 
     description: str = ""
-    seed: int = 0
+    seed: Seed = 0
     threads: int = Field(2, ge=1, description="torch CPU threads; fixed for bitwise reproducibility")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     source: Source
@@ -383,8 +499,33 @@ class PipelineConfig(Strict):
     synthesis: SynthesisSpec = SynthesisSpec()
     quality: QualitySpec = QualitySpec()
     retrain: RetrainSpec = RetrainSpec()
+    preflight: PreflightSpec = PreflightSpec()
     report: ReportSpec = ReportSpec()
     storage: StorageSpec = StorageSpec()
+
+    @model_validator(mode="after")
+    def _holdout_control_keeps_val_out_of_selection(self) -> "PipelineConfig":
+        train = self.generator.train
+        if train is not None and train.architecture == "real-holdout" and self.retrain.select_on_val:
+            raise ValueError(
+                "generator.train.architecture 'real-holdout' serves the real val split as synthetic data; "
+                "set retrain.select_on_val: false so val is not also used for model selection"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shard_fits_in_memory(self) -> "PipelineConfig":
+        pre = self.preprocess
+        image_bytes = pre.size * pre.size * pre.channels * (pre.bit_depth // 8)
+        shard_bytes = self.synthesis.shard_rows * image_bytes
+        if shard_bytes > MAX_SHARD_BYTES:
+            fitting = max(1, MAX_SHARD_BYTES // image_bytes)
+            raise ValueError(
+                f"synthesis.shard_rows {self.synthesis.shard_rows} x {image_bytes:,} bytes per "
+                f"{pre.size}x{pre.size} image = {shard_bytes / 2**30:.1f} GiB per shard in memory; at most "
+                f"{MAX_SHARD_BYTES / 2**30:.0f} GiB: set shard_rows <= {fitting}"
+            )
+        return self
 
 
 class PipelinesFile(Strict):
@@ -435,11 +576,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 MAX_PROBLEMS_SHOWN = 5
 MAX_INPUT_CHARS = 60
+_USERINFO = re.compile(r"(://)[^/@\s'\"]*@")
+_REPR = reprlib.Repr()  # bounded: a few items per level, two levels deep
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = MAX_INPUT_CHARS, 40, 40
 
 
 def _short(value: Any) -> str:
-    """``repr`` of a user value, cut to :data:`MAX_INPUT_CHARS` (inputs can be whole sections)."""
-    text = repr(value)
+    """``repr`` of a user value, cut to :data:`MAX_INPUT_CHARS`; bounded work however big
+    the value (inputs can be whole sections: ``reprlib`` looks at a few items per level)."""
+    text = _USERINFO.sub(r"\1***@", _REPR.repr(value))  # never echo credentials in a URL
     return text if len(text) <= MAX_INPUT_CHARS else text[: MAX_INPUT_CHARS - 3] + "..."
 
 
@@ -478,43 +624,12 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable key: the base constructor reports it
-                break
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_short(key)}; give each key once", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_pipelines(path: Path | str = DEFAULT_CONFIG) -> PipelinesFile:
     """Parse and validate a pipelines file; raises ConfigError with a one-line message."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipelines file not found; pass --config PATH to an existing YAML")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {exc.start}); expected a UTF-8 YAML file; re-save it as UTF-8"
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = _flat(str(getattr(exc, "problem", None) or exc))
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the syntax") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: YAML nested too deeply; expected a pipelines file") from None
+    data = load_yaml(path, what="pipelines file")  # size, alias and duplicate-key bounds
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{path}: expected a mapping with a top-level 'pipelines:' key, got {type(data).__name__}")
     try:

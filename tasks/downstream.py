@@ -29,15 +29,18 @@ import torch
 from generators.errors import ConfigError, DataError
 from generators.shards import decode_table, read_manifest, read_table
 from tasks.config import AugmentSpec
+from tasks.statistics import (  # noqa: F401 - the metric names and scores live in tasks.statistics
+    CLASSIFICATION_METRICS,
+    LOWER_IS_BETTER,
+    SEGMENTATION_METRICS,
+    confusion_matrix,
+    scores_from_confusion,
+)
 
 logger = logging.getLogger(__name__)
 
 Task = Literal["classification", "segmentation"]
 NETWORKS: dict[str, tuple[str, ...]] = {"classification": ("densenet", "resnet"), "segmentation": ("unet",)}
-CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-SEGMENTATION_METRICS = ("dice", "hd95")
-#: metrics where a smaller value is better (everything else: larger is better)
-LOWER_IS_BETTER = frozenset({"hd95"})
 #: NHWC activations: about 25% less CPU time per step for the small DenseNet/ResNet at
 #: 64x64 (no change for the UNet); the arrays handed in stay channel-first ``(N, C, H, W)``
 MEMORY_FORMAT = torch.channels_last
@@ -305,34 +308,6 @@ def round_floats(value: Any, digits: int = 6) -> Any:
     if isinstance(value, (list, tuple)):
         return [round_floats(v, digits) for v in value]
     return value
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """int64 ``(K, K)``: rows = true class, columns = predicted class."""
-    flat = y_true.astype(np.int64) * num_classes + y_pred.astype(np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """accuracy, balanced accuracy and macro F1 from confusion matrices ``(..., K, K)``
-    (vectorised over leading axes, e.g. bootstrap resamples). Balanced accuracy averages
-    recall over classes present in the truth; macro F1 averages F1 over classes present
-    in the truth or the prediction. Values in [0, 1]."""
-    confusion = confusion.astype(np.float64)
-    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
-    support = confusion.sum(axis=-1)
-    predicted = confusion.sum(axis=-2)
-    total = support.sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy = tp.sum(axis=-1) / total
-        present = support > 0
-        recall = np.where(present, tp / np.where(present, support, 1), 0.0)
-        balanced = recall.sum(axis=-1) / present.sum(axis=-1)
-        denominator = support + predicted
-        seen = denominator > 0
-        f1 = np.where(seen, 2 * tp / np.where(seen, denominator, 1), 0.0)
-        macro_f1 = f1.sum(axis=-1) / seen.sum(axis=-1)
-    return {"accuracy": accuracy, "balanced_accuracy": balanced, "macro_f1": macro_f1}
 
 
 def evaluate_classification(y_true: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:

@@ -6,9 +6,14 @@ Extractors map float32 images ``(N, C, H, W)`` in [0, 1] to features float32 ``(
 Every extractor has a ``name`` that goes into ``quality.json`` next to every number it
 produced, and the sha256 of its weights:
 
+- ``contrastive-densenet``: the pooled features of a MONAI DenseNet trained
+  self-supervised (SimCLR) on the real train images alone (:mod:`tasks.contrastive`): the
+  default (``auto``), because it did not choose the kept set it measures.
 - ``classifier-<network>``: the penultimate layer (input of the last ``Linear``) of the
   label-consistency classifier, trained on the real train split (:mod:`tasks.filter`).
-  In-domain and offline; its numbers are not comparable with published FIDs.
+  In-domain and offline; its numbers are not comparable with published FIDs, and when the
+  label filter is on this is the network that chose the kept set, so its kept-set numbers
+  are biased in the kept set's favour.
 - ``inception-v3-fid``: the standard FID Inception-V3 (:mod:`tasks.fid_inception`), only
   from a local weights file given by ``quality.metrics.inception_weights`` or
   ``$SYNTHMED_INCEPTION_WEIGHTS``; never downloaded. Grey images are repeated to 3 channels.
@@ -16,6 +21,12 @@ produced, and the sha256 of its weights:
   ``inception-v3-fid-architecture(custom-weights)``.
 - ``random-init-densenet(seed=S)``: a fixed, randomly initialised MONAI DenseNet: a last
   resort when there are no labels to train a classifier; it measures low-level statistics.
+
+Every extractor's own quality (:func:`extractor_quality`): a logistic-regression linear
+probe fitted on its real train features and labels, scored by balanced accuracy on the real
+val split. ``reliable`` = value >= chance (1 / number of classes) + RELIABLE_MARGIN; an
+extractor whose quality cannot be measured (no labels, no labelled val split) is not
+reliable. Metrics of an unreliable extractor are shown as such and never gate or rank.
 
 Normalisations (applied after channel adaptation, before the network):
 ``unit`` (pixels in [0, 1] as they are), ``symmetric`` (``2x - 1``, the FID Inception's
@@ -52,6 +63,9 @@ INCEPTION_ENV = "SYNTHMED_INCEPTION_WEIGHTS"
 #: bump when the extraction pipeline changes the features of the same inputs (invalidates caches)
 FEATURES_VERSION = 1
 ZSCORE_EPS = 1e-6
+#: an extractor (or classifier) is reliable when its balanced accuracy on real val is at
+#: least chance + this margin (e.g. >= 0.483 for 3 classes, >= 0.65 for 2)
+RELIABLE_MARGIN = 0.15
 
 
 # --------------------------------------------------------------------------- extractors
@@ -158,6 +172,72 @@ def random_extractor(in_channels: int, seed: int = 0) -> Extractor:
         in_channels=None,
         default_normalisation="zscore",
     )
+
+
+def self_supervised_extractor(model: nn.Module) -> Extractor:
+    """The pooled features of the contrastive encoder of :mod:`tasks.contrastive` (eval mode)."""
+    from tasks.contrastive import NETWORK
+
+    module = PenultimateFeatures(model.eval())
+    return Extractor(
+        name=f"contrastive-{NETWORK}",
+        kind="self_supervised",
+        description=f"{NETWORK} trained self-supervised (SimCLR) on the real train images, without labels "
+        "and without the filter's classifier",
+        module=module,
+        weights_sha256=state_dict_sha256(model),
+        dim=module.num_features,
+        in_channels=None,
+        default_normalisation="unit",
+    )
+
+
+def reliability(value: float | None, num_classes: int) -> dict[str, Any]:
+    """``{"chance", "threshold", "reliable"}`` for a balanced accuracy ``value`` over
+    ``num_classes`` classes (None = unknown = not reliable)."""
+    chance = 1.0 / num_classes if num_classes >= 2 else None
+    threshold = None if chance is None else chance + RELIABLE_MARGIN
+    reliable = value is not None and threshold is not None and value >= threshold
+    return {"chance": chance, "threshold": threshold, "reliable": bool(reliable)}
+
+
+def extractor_quality(
+    train_features: np.ndarray,
+    train_targets: np.ndarray,
+    val_features: np.ndarray | None,
+    val_targets: np.ndarray | None,
+    num_classes: int,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"metric": "linear_probe_balanced_accuracy", "value", "chance", "threshold",
+    "reliable", "n_train", "n_val", "reason"}``: a standardised logistic-regression probe
+    (scikit-learn, C=1) fitted on real train features float32 ``(N, D)`` with int targets
+    ``(N,)`` (-1 = unlabelled), scored by balanced accuracy on real val."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    record: dict[str, Any] = {
+        "metric": "linear_probe_balanced_accuracy",
+        "value": None,
+        "n_train": int(len(train_targets)),
+        "n_val": 0 if val_targets is None else int(len(val_targets)),
+        "reason": None,
+    }
+    labelled = train_targets >= 0
+    if num_classes < 2 or len(np.unique(train_targets[labelled])) < 2:
+        record["reason"] = "fewer than 2 labelled classes in real train"
+    elif val_features is None or val_targets is None or len(val_targets) == 0 or (val_targets < 0).any():
+        record["reason"] = "no labelled real val split"
+    else:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
+        probe.fit(train_features[labelled].astype(np.float64), train_targets[labelled])
+        predicted = probe.predict(val_features.astype(np.float64))
+        record["value"] = float(balanced_accuracy_score(val_targets, predicted))
+    record.update(reliability(record["value"], num_classes))
+    return record
 
 
 def resolve_inception_weights(configured: str | None, root: Path | None = None) -> Path:

@@ -12,6 +12,10 @@ score (undecodable image) is dropped by it:
   Adam 1e-3, default augmentation) trained for ``epochs`` passes over the real train split;
   ``q_label_confidence`` is its softmax probability of the conditioning label; dropped
   below ``min_confidence``. Its accuracy on the real val split goes to ``quality.json``.
+- **masks** (paired image+mask sets; :mod:`tasks.mask_filters`): ``q_mask_unknown_fraction``,
+  ``q_mask_foreground``, ``q_mask_components`` and ``q_mask_dice``; dropped for a mask class
+  the real train masks never hold, an implausible mask, or a mask a UNet trained on real
+  pairs disagrees with (only when that UNet is reliable on real val pairs).
 - **memorisation**: ``q_nn_real_distance``, the distance to the nearest REAL TRAIN image
   (``space`` pixel: RMSE of [0, 1] pixels; feature: Euclidean in the extractor's
   features); dropped below the threshold (near-copies of training images).
@@ -24,12 +28,21 @@ the real train split (``calibration_scale`` x the ``calibration_quantile`` of ea
 image's distance to the nearest real image of another subject; of any other image when
 there is one subject).
 
+Realism (``quality.realism``, :mod:`tasks.realism`): a classifier two-sample test, a small
+MONAI CNN trained from scratch to tell the kept synthetic set from real train,
+cross-validated; its out-of-fold AUC with a 95% interval, overall and per class. It uses
+neither the filter's classifier nor the set-metrics extractor.
+
 Set metrics (``quality.metrics``): FID, KID, precision/recall, density/coverage of the
 kept synthetic set, all generated (decodable) images and the real val split, each
 against the real train split, per class and overall, plus MS-SSIM diversity within the
 kept set and, for reference, within real train (:mod:`tasks.quality_sets`,
-:mod:`tasks.quality_metrics`). Features come from :mod:`tasks.features`; real-image
-features and the classifier are cached under ``paths.state`` per real dataset version.
+:mod:`tasks.quality_metrics`). Features come from :mod:`tasks.features`: by default
+(``auto``) a self-supervised encoder trained on real train images only
+(:mod:`tasks.contrastive`), which did not choose the kept set; every extractor reports its
+own quality (linear probe on real val) and is flagged unreliable near chance. Real-image
+features, the encoder and the classifier are cached under ``paths.state`` per real dataset
+version.
 ``quality.gate`` bounds are checked last: a crossed bound raises QualityGateError AFTER
 the filtered shards and quality.json are written, so both stay for inspection.
 
@@ -39,14 +52,19 @@ val) split plus the decoded synthetic images (N x C x H x W float32) and their f
 
 ``quality.json`` keys:
 
-- ``per_class``: ``{label: {generated, dropped_sanity, dropped_label, dropped_memorised,
-  dropped_duplicate, kept}}``; ``totals``: the same summed; ``kept_fraction``.
+- ``per_class``: ``{label: {generated, dropped_sanity, dropped_label, dropped_mask_unknown_class,
+  dropped_mask_implausible, dropped_mask_disagree, dropped_memorised, dropped_duplicate, kept}}``;
+  ``totals``: the same summed; ``kept_fraction``.
+- ``filters.masks``: the settings and ``active``; when active ``reference`` (the real train
+  masks' classes and bounds) and ``agreement`` (the UNet's real val Dice, ``reliable``,
+  ``applied``, ``note``), else ``reason``.
 - ``filters``: each filter's settings; ``memorisation`` and ``duplicates`` add
   ``threshold``, ``threshold_source`` (``absolute``/``calibrated``), ``reference`` (the
   real-vs-real distances it was calibrated on: ``kind``, ``n``, ``quantile``, ``value``) and
   counts (``n_scored``, ``n_below_threshold``, ``fraction_below_threshold`` over all
   scored rows, whatever other filters did; ``n_dropped`` for duplicates).
-- ``label_classifier``: network, n_train, epochs, steps, n_val, val accuracy, ... or None.
+- ``label_classifier``: network, n_train, epochs, steps, n_val, val accuracy, ...,
+  ``chance``, ``threshold``, ``reliable`` (balanced accuracy >= chance + 0.15), or None.
 - ``real_train_sanity``: how the sanity thresholds treat real train images, or None.
 - ``set_metrics``: None when disabled, else ``{"extractor": {name, kind, description,
   weights_sha256, dim, normalisation[, training]}, "reference": "real train", "ms_ssim_settings":
@@ -56,8 +74,15 @@ val) split plus the decoded synthetic images (N x C x H x W float32) and their f
   keys plus ``ms_ssim_mean``, ``ms_ssim_std``, ``ms_ssim_pairs`` (MS-SSIM within the set:
   computed for ``kept`` only, None/0 for the others), and ``D`` the last three;
   ``real_val`` is None without a val split. ``training`` (classifier extractor only): the
-  classifier's summary, as ``label_classifier``.
-- ``gate``: ``{"passed": bool, "checks": [{metric, bound_name, bound, value, passed}]}``.
+  classifier's summary, as ``label_classifier``. The extractor record adds ``quality``
+  (:func:`tasks.features.extractor_quality`: ``metric``, ``value``, ``chance``,
+  ``threshold``, ``reliable``, ...), ``used_by_filters`` and ``chose_kept_set``.
+- ``realism``: None when disabled, else ``{"two_sample": {auc, ci95_low, ci95_high, n_real,
+  n_synthetic, folds, grouping, network, epochs, bootstrap, reason, per_class: {label: {auc,
+  ci95_low, ci95_high, n_real, n_synthetic}}}, "reference", "interpretation"}``.
+- ``gate``: ``{"passed": bool, "realism_passed": bool | None, "extractor_reliable": bool |
+  None, "checks": [{metric, bound_name, bound, value, passed, status, ...}]}``
+  (:func:`tasks.quality_sets.check_gate`).
 """
 
 from __future__ import annotations
@@ -85,7 +110,7 @@ from generators.shards import (
     to_unit_float,
     write_json_atomic,
 )
-from tasks import downstream, features, nn_filters, quality_sets
+from tasks import contrastive, downstream, features, mask_filters, nn_filters, quality_sets, realism
 from tasks.config import AugmentSpec, PipelineConfig
 from tasks.paths import PipelinePaths
 from tasks.runtime import setup_torch
@@ -96,7 +121,17 @@ SANITY_COLUMNS = ("q_std", "q_saturated", "q_nan")
 LABEL_COLUMNS = ("q_label_confidence",)
 MEMORISATION_COLUMNS = ("q_nn_real_distance",)
 DUPLICATE_COLUMNS = ("q_nn_synthetic_distance",)
-COUNT_KEYS = ("generated", "dropped_sanity", "dropped_label", "dropped_memorised", "dropped_duplicate", "kept")
+COUNT_KEYS = (
+    "generated",
+    "dropped_sanity",
+    "dropped_label",
+    "dropped_mask_unknown_class",
+    "dropped_mask_implausible",
+    "dropped_mask_disagree",
+    "dropped_memorised",
+    "dropped_duplicate",
+    "kept",
+)
 #: the label-consistency classifier's fixed recipe (only its epochs are configurable), so
 #: that the filter does not depend on the retrain stage's parameters
 LABEL_NETWORK = "densenet"
@@ -106,11 +141,14 @@ LABEL_LR = 1e-3
 REAL_DROP_WARNING = 0.05
 
 
-def quality_schema(sanity: bool, label: bool, memorisation: bool = False, duplicates: bool = False) -> pa.Schema:
+def quality_schema(
+    sanity: bool, label: bool, memorisation: bool = False, duplicates: bool = False, masks: bool = False
+) -> pa.Schema:
     """BASE_SCHEMA plus the float64 ``q_*`` columns of the enabled filters."""
     names = (
         (SANITY_COLUMNS if sanity else ())
         + (LABEL_COLUMNS if label else ())
+        + (mask_filters.MASK_COLUMNS if masks else ())
         + (MEMORISATION_COLUMNS if memorisation else ())
         + (DUPLICATE_COLUMNS if duplicates else ())
     )
@@ -214,6 +252,7 @@ def _train_label_classifier(
         "val_balanced_accuracy": None,
         "val_would_drop_fraction": None,
     }
+    summary.update(features.reliability(None, len(classes)))
     if val is not None and len(val) and (val.targets >= 0).all():
         proba = downstream.predict_proba(model, val.images, device=device)
         scores = downstream.evaluate_classification(val.targets, proba, classes)
@@ -224,6 +263,16 @@ def _train_label_classifier(
             val_balanced_accuracy=scores["balanced_accuracy"],
             val_would_drop_fraction=float(np.mean(true_confidence < cfg.quality.label_consistency.min_confidence)),
         )
+        summary.update(features.reliability(scores["balanced_accuracy"], len(classes)))
+        if not summary["reliable"]:
+            logger.warning(
+                "label classifier near chance: real val balanced accuracy %.3f < %.3f (chance %.3f + %.2f); "
+                "its confidences are unreliable",
+                scores["balanced_accuracy"],
+                summary["threshold"],
+                summary["chance"],
+                features.RELIABLE_MARGIN,
+            )
         logger.info(
             "label classifier: %d steps, real val accuracy %.3f; it would drop %.1f%% of real val images",
             steps,
@@ -299,23 +348,54 @@ def _needs_features(cfg: PipelineConfig) -> bool:
 
 
 def _extractor_kind(cfg: PipelineConfig, classes: list[str]) -> str | None:
-    """``classifier`` / ``inception`` / ``random``, or None when nothing needs features."""
+    """``self_supervised`` / ``classifier`` / ``inception`` / ``random``, or None when nothing
+    needs features. ``auto`` is ``self_supervised``: it needs no labels and did not choose
+    the kept set."""
     if not _needs_features(cfg):
         return None
     kind = cfg.quality.metrics.extractor
-    if kind == "auto":
-        kind = "classifier" if len(classes) >= 2 else "random"
-        if kind == "random":
-            logger.warning("no labelled classes to train a classifier: set metrics use a random-init network")
-    return kind
+    return "self_supervised" if kind == "auto" else kind
+
+
+def _self_supervised_model(
+    cfg: PipelineConfig, paths: PipelinePaths, train: downstream.LabelledArrays, device: str
+) -> torch.nn.Module:
+    """The contrastive encoder of :mod:`tasks.contrastive`, trained on the real train images
+    only (no labels, no filter classifier), cached under ``paths.state`` like the classifier."""
+    steps = cfg.quality.metrics.self_supervised_steps
+    channels = int(train.images.shape[1])
+    key = features.cache_key(
+        real=dataset_digest(paths.real),
+        channels=channels,
+        recipe=[contrastive.NETWORK, contrastive.PROJECTION_DIM, contrastive.BATCH_SIZE, contrastive.LR, steps],
+        seed=cfg.seed,
+        threads=cfg.threads,
+        device=device,
+        torch=torch.__version__,
+        code=hashlib.sha256(Path(contrastive.__file__).read_bytes()).hexdigest(),
+    )
+    model, _ = features.load_or_train(
+        paths.state / "contrastive" / f"{key[:32]}.pt",
+        lambda: contrastive.build_encoder(channels, seed=cfg.seed),
+        lambda untrained: contrastive.train_encoder(untrained, train.images, steps=steps, seed=cfg.seed, device=device),
+    )
+    return model.to(device).eval()
 
 
 def _build_extractor(
-    cfg: PipelineConfig, paths: PipelinePaths, kind: str, model: torch.nn.Module | None, channels: int
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    kind: str,
+    model: torch.nn.Module | None,
+    train: downstream.LabelledArrays,
+    device: str,
 ) -> tuple[features.Extractor, str]:
     """The extractor and the normalisation it is used with."""
     spec = cfg.quality.metrics
-    if kind == "classifier":
+    channels = int(train.images.shape[1])
+    if kind == "self_supervised":
+        extractor = features.self_supervised_extractor(_self_supervised_model(cfg, paths, train, device))
+    elif kind == "classifier":
         extractor = features.classifier_extractor(model, LABEL_NETWORK)
     elif kind == "inception":
         extractor = features.inception_extractor(features.resolve_inception_weights(spec.inception_weights, paths.root))
@@ -370,12 +450,20 @@ class SyntheticScores:
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     keep_sanity: np.ndarray = field(default_factory=lambda: np.ones(0, bool))
     keep_label: np.ndarray = field(default_factory=lambda: np.ones(0, bool))
+    keep_mask_class: np.ndarray = field(default_factory=lambda: np.ones(0, bool))
+    keep_mask_plausible: np.ndarray = field(default_factory=lambda: np.ones(0, bool))
+    keep_mask_agree: np.ndarray = field(default_factory=lambda: np.ones(0, bool))
     usable: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 1), np.float32))
 
     @property
     def n(self) -> int:
         return len(self.labels)
+
+    @property
+    def keep_mask(self) -> np.ndarray:
+        """Kept by all three mask filters (all True when they are off)."""
+        return self.keep_mask_class & self.keep_mask_plausible & self.keep_mask_agree
 
 
 def _score_synthetic(
@@ -386,8 +474,10 @@ def _score_synthetic(
     real_shape: tuple[int, ...],
     device: str,
     check_shape: bool,
+    masks: mask_filters.MaskContext | None = None,
 ) -> SyntheticScores:
-    """Decode every synthetic row once; sanity and label-consistency scores; usable images."""
+    """Decode every synthetic row once; sanity, label-consistency and (with ``masks``) mask
+    scores; usable images."""
     spec = cfg.quality
     class_index = {name: i for i, name in enumerate(classes)}
     labels: list[str] = []
@@ -395,7 +485,9 @@ def _score_synthetic(
     confidence_rows: list[np.ndarray] = []
     usable: list[int] = []
     images: list[np.ndarray] = []
-    for table in iter_tables(paths.synthetic, columns=["id", "label", "image"]):
+    mask_rows: list[np.ndarray] = []
+    columns = ["id", "label", "image"] + (["mask"] if masks is not None else [])
+    for table in iter_tables(paths.synthetic, columns=columns):
         offset = len(labels)
         shard_labels = ["" if label is None else str(label) for label in table.column("label").to_pylist()]
         decoded = [decode_row(blob) for blob in table.column("image").to_pylist()]
@@ -423,11 +515,20 @@ def _score_synthetic(
                 rows = np.asarray([class_index[shard_labels[i]] for i in ok], dtype=np.int64)
                 confidence[ok] = proba[np.arange(len(ok)), rows].astype(np.float64)
             confidence_rows.append(confidence)
+        if masks is not None:
+            mask_rows.append(mask_filters.score_shard(masks, decoded, table.column("mask").to_pylist(), device))
         if check_shape:
             usable += [offset + i for i in ok]
             images += [decoded[i] for i in ok]
     n = len(labels)
-    scores = SyntheticScores(labels=labels, keep_sanity=np.ones(n, bool), keep_label=np.ones(n, bool))
+    scores = SyntheticScores(
+        labels=labels,
+        keep_sanity=np.ones(n, bool),
+        keep_label=np.ones(n, bool),
+        keep_mask_class=np.ones(n, bool),
+        keep_mask_plausible=np.ones(n, bool),
+        keep_mask_agree=np.ones(n, bool),
+    )
     if spec.sanity.enabled:
         sanity = np.concatenate(sanity_rows) if sanity_rows else np.zeros((0, 3))
         scores.columns.update(q_std=sanity[:, 0], q_saturated=sanity[:, 1], q_nan=sanity[:, 2])
@@ -440,6 +541,12 @@ def _score_synthetic(
         confidence = np.concatenate(confidence_rows) if confidence_rows else np.zeros(0)
         scores.columns["q_label_confidence"] = confidence
         scores.keep_label = confidence >= spec.label_consistency.min_confidence  # NaN -> dropped
+    if masks is not None:
+        mask_scores = np.concatenate(mask_rows) if mask_rows else np.zeros((0, len(mask_filters.MASK_COLUMNS)))
+        scores.columns.update(zip(mask_filters.MASK_COLUMNS, mask_scores.T, strict=True))
+        scores.keep_mask_class, scores.keep_mask_plausible, scores.keep_mask_agree = mask_filters.decide(
+            masks, mask_scores
+        )
     scores.usable = np.asarray(usable, dtype=np.int64)
     if images:
         scores.images = np.stack(images).astype(np.float32)
@@ -490,7 +597,9 @@ def _nearest_neighbour_filters(
             nn_filters.space_vectors(space, train.images, real_feats),
         )
     if spec.duplicates.enabled:
-        in_running = scores.keep_sanity & scores.keep_label & (memo.keep if memo else np.ones(n, bool))
+        in_running = (
+            scores.keep_sanity & scores.keep_label & scores.keep_mask & (memo.keep if memo else np.ones(n, bool))
+        )
         position = np.flatnonzero(in_running[usable])  # positions in the usable arrays, id order
         vectors = nn_filters.space_vectors(
             spec.duplicates.space, scores.images[position], None if syn_feats is None else syn_feats[position]
@@ -511,6 +620,12 @@ def _count(scores: SyntheticScores, keep_memo: np.ndarray, keep_dup: np.ndarray)
             entry["dropped_sanity"] += 1
         elif not scores.keep_label[i]:
             entry["dropped_label"] += 1
+        elif not scores.keep_mask_class[i]:
+            entry["dropped_mask_unknown_class"] += 1
+        elif not scores.keep_mask_plausible[i]:
+            entry["dropped_mask_implausible"] += 1
+        elif not scores.keep_mask_agree[i]:
+            entry["dropped_mask_disagree"] += 1
         elif not keep_memo[i]:
             entry["dropped_memorised"] += 1
         elif not keep_dup[i]:
@@ -543,6 +658,96 @@ def _write_filtered(
             writer.write_table(table.filter(pa.array(keep[rows])))
 
 
+def _extractor_record(
+    cfg: PipelineConfig,
+    extractor: features.Extractor,
+    normalisation: str,
+    kind: str,
+    classifier: dict[str, Any] | None,
+    classes: list[str],
+    train: downstream.LabelledArrays,
+    real_feats: np.ndarray,
+    val: downstream.LabelledArrays | None,
+    val_feats: np.ndarray | None,
+) -> dict[str, Any]:
+    """``set_metrics.extractor``: the extractor's description, its own quality (a linear
+    probe on real val), and whether it took part in choosing the kept set
+    (``chose_kept_set``: the label filter's classifier, or the features of a feature-space
+    memorisation / duplicate filter)."""
+    spec = cfg.quality
+    record = extractor.describe(normalisation)
+    if kind == "classifier":
+        record["training"] = classifier
+    record["quality"] = features.extractor_quality(
+        real_feats,
+        train.targets,
+        val_feats,
+        None if val is None else val.targets,
+        len(classes),
+        seed=cfg.seed,
+    )
+    nn_specs = {"memorisation": spec.memorisation, "duplicates": spec.duplicates}
+    used_by = [name for name, nn_spec in nn_specs.items() if nn_spec.enabled and nn_spec.space == "feature"]
+    if kind == "classifier" and spec.label_consistency.enabled:
+        used_by.insert(0, "label_consistency")
+    record["used_by_filters"] = used_by
+    record["chose_kept_set"] = bool(used_by)
+    quality = record["quality"]
+    if not quality["reliable"]:
+        logger.warning(
+            "set-metrics extractor %s is UNRELIABLE (linear probe %s, chance %s%s): its metrics are shown as "
+            "unreliable and never gate",
+            extractor.name,
+            "n/a" if quality["value"] is None else f"{quality['value']:.3f}",
+            quality["chance"],
+            f"; {quality['reason']}" if quality["reason"] else "",
+        )
+    if used_by:
+        logger.warning("set-metrics extractor %s also chose the kept set (%s)", extractor.name, ", ".join(used_by))
+    return record
+
+
+def _realism(
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    train: downstream.LabelledArrays,
+    scores: SyntheticScores,
+    keep: np.ndarray,
+    device: str,
+) -> dict[str, Any] | None:
+    """The ``realism`` block: the classifier two-sample test of the kept synthetic set
+    against real train (:mod:`tasks.realism`), or None when ``quality.realism`` is off."""
+    spec = cfg.quality.realism
+    if not spec.enabled:
+        return None
+    kept = keep[scores.usable]
+    synthetic_subjects = read_table(paths.synthetic, columns=["subject"]).column("subject").to_pylist()
+    settings = realism.TwoSampleSettings(
+        folds=spec.folds,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        bootstrap=spec.bootstrap,
+        max_per_class=spec.max_per_class,
+    )
+    test = realism.two_sample_test(
+        train.images,
+        train.labels,
+        _real_subjects(paths, train.ids),
+        scores.images[kept],
+        np.asarray(scores.labels, dtype=object)[scores.usable][kept].tolist(),
+        settings,
+        seed=cfg.seed,
+        device=device,
+        synthetic_subjects=[synthetic_subjects[i] for i in scores.usable[kept]],
+    )
+    return {
+        "two_sample": test,
+        "reference": "real train",
+        "interpretation": "AUC 0.5 = indistinguishable, 1.0 = separable",
+    }
+
+
 def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     """Score, filter, measure and write the synthetic dataset; returns the counts of
     ``quality.json`` (``per_class``, ``totals``, ``kept_fraction``), the label classifier's
@@ -556,22 +761,25 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
     if len(train) == 0:
         raise DataError(f"{paths.real}: expected real train images, found none; check the ingest split")
     real_shape = tuple(int(d) for d in train.images.shape[1:])
+    use_masks, masks_off_reason = mask_filters.resolve_enabled(spec.masks, paths, train.masks)
     kind = _extractor_kind(cfg, classes)
-    val = downstream.load_labelled(paths.real, ["val"], classes) if (use_label or use_metrics) else None
+    val = downstream.load_labelled(paths.real, ["val"], classes) if (use_label or use_metrics or use_masks) else None
 
     model, classifier = None, None
     if use_label or kind == "classifier":
         model, classifier = _train_label_classifier(cfg, paths, classes, train, val, device)
     extractor, normalisation, real_feats, val_feats = None, None, None, None
     if kind is not None:
-        extractor, normalisation = _build_extractor(cfg, paths, kind, model, real_shape[0])
+        extractor, normalisation = _build_extractor(cfg, paths, kind, model, train, device)
         real_feats = _real_features(cfg, paths, extractor, normalisation, "train", train, device)
         if use_metrics and val is not None and len(val):
             val_feats = _real_features(cfg, paths, extractor, normalisation, "val", val, device)
     reference = _real_sanity_reference(cfg, train) if spec.sanity.enabled else None
 
+    mask_ctx = mask_filters.prepare(cfg, paths, train, val, device) if use_masks else None
     check_shape = use_label or spec.memorisation.enabled or spec.duplicates.enabled or use_metrics
-    scores = _score_synthetic(cfg, paths, model, classes, real_shape, device, check_shape)
+    check_shape = check_shape or spec.realism.enabled
+    scores = _score_synthetic(cfg, paths, model, classes, real_shape, device, check_shape, mask_ctx)
     syn_feats = None
     if extractor is not None:
         syn_feats = features.extract_features(
@@ -584,17 +792,17 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
         scores.columns["q_nn_real_distance"] = memo.column
     if dup:
         scores.columns["q_nn_synthetic_distance"] = dup.column
-    keep = scores.keep_sanity & scores.keep_label & keep_memo & keep_dup
-    schema = quality_schema(spec.sanity.enabled, use_label, memo is not None, dup is not None)
+    keep = scores.keep_sanity & scores.keep_label & scores.keep_mask & keep_memo & keep_dup
+    schema = quality_schema(spec.sanity.enabled, use_label, memo is not None, dup is not None, masks=use_masks)
     _write_filtered(cfg, paths, schema, scores.columns, keep)
 
     set_metrics = None
     if use_metrics:
         labels = np.asarray(scores.labels, dtype=object)[scores.usable]
         kept = keep[scores.usable]
-        record = extractor.describe(normalisation)
-        if kind == "classifier":
-            record["training"] = classifier
+        record = _extractor_record(
+            cfg, extractor, normalisation, kind, classifier, classes, train, real_feats, val, val_feats
+        )
         set_metrics = quality_sets.set_metrics_block(
             spec.metrics,
             record,
@@ -618,6 +826,7 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
             *(overall[k] for k in ("fid", "kid_mean", "precision", "recall")),
         )
 
+    realism_block = _realism(cfg, paths, train, scores, keep, device)
     per_class = _count(scores, keep_memo, keep_dup)
     totals = {k: sum(entry[k] for entry in per_class.values()) for k in COUNT_KEYS}
     kept_fraction = totals["kept"] / totals["generated"] if totals["generated"] else None
@@ -628,6 +837,9 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
         "filters": {
             "sanity": spec.sanity.model_dump(mode="json"),
             "label_consistency": spec.label_consistency.model_dump(mode="json"),
+            "masks": mask_ctx.info()
+            if mask_ctx
+            else {**spec.masks.model_dump(mode="json"), "active": False, "reason": masks_off_reason},
             "memorisation": memo.info if memo else None,
             "duplicates": dup.info if dup else None,
         },
@@ -635,6 +847,7 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
         "label_classifier": classifier if use_label else None,
         "real_train_sanity": reference,
         "set_metrics": set_metrics,
+        "realism": realism_block,
     }
     quality = downstream.round_floats(quality)
     gate = downstream.round_floats(quality_sets.check_gate(spec.gate, quality))
@@ -642,8 +855,10 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
     paths.metrics.mkdir(parents=True, exist_ok=True)
     write_json_atomic(quality, paths.metrics / "quality.json")
     logger.info(
-        "filter: %d generated, dropped %d sanity, %d label, %d memorised, %d duplicate; %d kept",
-        *(totals[k] for k in COUNT_KEYS),
+        "filter: %d generated, %s; %d kept",
+        totals["generated"],
+        ", ".join(f"{k.removeprefix('dropped_')} {totals[k]}" for k in COUNT_KEYS if k.startswith("dropped_")),
+        totals["kept"],
     )
     if not gate["passed"]:
         outputs = f"{paths.filtered} and {paths.metrics / 'quality.json'}"
@@ -658,6 +873,9 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
             "extractor": extractor.name if use_metrics else None,
             "fid": kept_overall.get("fid"),
             "kid_mean": kept_overall.get("kid_mean"),
+            "extractor_reliable": gate["extractor_reliable"],
+            "two_sample_auc": ((realism_block or {}).get("two_sample") or {}).get("auc"),
+            "realism_passed": gate["realism_passed"],
             "gate_passed": gate["passed"],
         }
     )

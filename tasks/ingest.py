@@ -16,17 +16,25 @@ that many consecutive kept slices; the slab (``<subject>-slabNNN``, also stored 
 
 Stored images are ``(C, size, size)`` ``uint8``/``uint16`` (``bit_depth``), masks
 ``(size, size)`` ``uint8`` class indices. The same inputs and config give byte-identical
-shards: the ``source`` uri is the input's posix path relative to the dataset root (the
-folder, or the CSV root) plus ``#slice=NNN`` for volume slices (MNI152:
+shards: the ``source`` uri is the input's pseudonymised posix path relative to the dataset
+root (the folder, or the CSV root) plus ``#slice=NNN`` for volume slices (MNI152:
 ``nilearn:mni152_2009a_t1_1mm#z=+012``), ids are hashes of that uri, rows are sorted by id, splits come
 from hashes seeded by ``cfg.seed``, nothing depends on time, machine paths or dict order.
 
-Identifiers: file paths often carry the subject id (``PAT-0042/t1.dcm``), so every
-whole-token occurrence of a raw subject id met anywhere in this ingest (CSV ``subject``,
-``subject_regex`` match, DICOM PatientID) in a path is replaced by its pseudonym before
-the path reaches the ``source`` column, row ids, ``rejects.json`` or the log. An
-identifier that no input declares as a subject id (a patient name used as a folder
-name, say) cannot be recognised: keep such names out of the source's paths.
+Identifiers: folder and file names often carry names, MRNs and dates
+(``DOE_JANE_MRN4471234_19620314/SMITH_JOHN_20240101.dcm``), which nothing can recognise
+reliably. So every path component below the source root is replaced by its keyed hash
+(:func:`tasks.pseudonym.pseudonymise_path`: 12 hex chars of HMAC-SHA256 with the pseudonym
+key, known image suffix kept) before it reaches the ``source`` column, row ids,
+``rejects.json`` or the log; only the class folder (the label, a category the user chose)
+is kept: ``disc/PAT-7/scan.dcm`` -> ``disc/3fa2c1d9e0b4/81bc2e07a9d1.dcm``. With the key,
+:func:`locate_inputs` maps those back to the files on this machine. Hidden files and
+folders (names starting with ``.``) are skipped and listed in the rejects.
+
+Size limits (``preprocess.max_pixels``, ``max_voxels``, ``max_aspect_ratio``) are checked on
+each file's header before decoding (see :class:`tasks.readers.Limits`); padding to a square
+never allocates more than ``max_pixels`` per plane. A class that cannot reach every split
+(too few subjects) is ingested with one warning line and a note in the manifest.
 With ``preprocess.channels: 1`` a colour image (channels that differ by more than
 :data:`COLOUR_TOLERANCE` on average) is rejected rather than silently turned grey;
 grey images saved as RGB are converted.
@@ -43,7 +51,7 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
@@ -54,8 +62,8 @@ from generators.errors import ConfigError, DataError
 from generators.shards import SPLITS, Row, from_unit_float, sha256_file, write_dataset, write_json_atomic
 from tasks.config import CsvSource, FolderSource, Mni152Source, PipelineConfig, PreprocessSpec
 from tasks.paths import PipelinePaths
-from tasks.pseudonym import Redactor, key_source, pseudonymise
-from tasks.readers import Decoded, ReadError, cut_volume, file_format, one_line, read_image, read_mask
+from tasks.pseudonym import key_id, key_source, pseudonymise, pseudonymise_path, warn_if_default_key
+from tasks.readers import Decoded, Limits, ReadError, cut_volume, file_format, one_line, read_image, read_mask
 from tasks.storage import localize_source
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,7 @@ SHARD_ROWS = 1024
 FOREGROUND_THRESHOLD = 0.1  # scaled intensity in [0, 1] above which a pixel is foreground
 COLOUR_TOLERANCE = 0.03  # mean channel spread in [0, 1] up to which an RGB image counts as grey
 ID_HEX_CHARS = 16
+MAX_PAD_PIXELS = 4096 * 4096  # a plane is padded to a square only up to this size, else resized first
 MAX_REJECTS_LOGGED = 20
 CSV_REQUIRED = ("image", "label", "subject")
 CSV_OPTIONAL = ("mask",)
@@ -79,8 +88,8 @@ MNI152_SUBJECT = "mni152"
 # --------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class _Input:
-    """One input file. ``file``: posix path relative to the dataset root, known subject
-    ids redacted (for rejects and uris); ``subject``: pseudonym from the CSV or
+    """One input file. ``file``: posix path relative to the dataset root, pseudonymised
+    (:func:`pseudonymise_path`; for rejects and uris); ``subject``: pseudonym from the CSV or
     subject_regex, else None (then the file's own PatientID, else ``stem_subject``);
     ``key``: what makes two inputs the same file (never written out); ``line``: CSV line."""
 
@@ -110,7 +119,6 @@ class _Outcome:
     drafts: list[_Draft] = field(default_factory=list)
     dropped_slices: int = 0
     reject: dict[str, str] | None = None
-    redactor: Redactor | None = None  # the file's own subject id (DICOM PatientID)
 
 
 def _reject(file: str, reason: str) -> _Outcome:
@@ -154,17 +162,35 @@ def _pad_square(plane: np.ndarray) -> np.ndarray:
     side = max(h, w)
     if h == w:
         return plane
+    if side * side > MAX_PAD_PIXELS:
+        raise ReadError(
+            f"plane of {h} x {w} pixels would need a {side} x {side} padded square; expected at most "
+            f"{MAX_PAD_PIXELS} pixels: crop the file"
+        )
     top, left = (side - h) // 2, (side - w) // 2
     out = np.zeros((side, side), dtype=plane.dtype)
     out[top : top + h, left : left + w] = plane
     return out
 
 
+def _shrink(plane: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    """An ``(H, W)`` plane whose padded square would exceed :data:`MAX_PAD_PIXELS`, resized
+    first so that its long side is ``size`` (aspect kept, short side >= 1); bounded memory."""
+    h, w = plane.shape
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return np.asarray(Image.fromarray(plane).resize((new_w, new_h), resample))
+
+
 def pad_resize(image: np.ndarray, size: int) -> np.ndarray:
     """``(C, H, W)`` float32 in [0, 1] -> ``(C, size, size)``: zero-pad to a centred
-    square, then Pillow's antialiased bilinear resize (per channel)."""
+    square, then Pillow's antialiased bilinear resize (per channel). A plane whose padded
+    square would exceed :data:`MAX_PAD_PIXELS` is resized first (long side -> ``size``),
+    then padded, so memory stays bounded by the input's own size."""
     planes = []
     for plane in image:
+        if max(plane.shape) ** 2 > MAX_PAD_PIXELS:
+            plane = _shrink(np.ascontiguousarray(plane, dtype=np.float32), size, Image.Resampling.BILINEAR)
         square = _pad_square(np.ascontiguousarray(plane, dtype=np.float32))
         if square.shape[0] != size:
             square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
@@ -173,7 +199,10 @@ def pad_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def pad_resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W)`` uint8 class indices -> ``(size, size)`` uint8, centred pad + nearest."""
+    """``(H, W)`` uint8 class indices -> ``(size, size)`` uint8, centred pad + nearest
+    (resize first when the padded square would exceed :data:`MAX_PAD_PIXELS`)."""
+    if max(mask.shape) ** 2 > MAX_PAD_PIXELS:
+        mask = _shrink(np.ascontiguousarray(mask, dtype=np.uint8), size, Image.Resampling.NEAREST)
     square = _pad_square(np.ascontiguousarray(mask, dtype=np.uint8))
     if square.shape[0] != size:
         square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.NEAREST))
@@ -207,17 +236,6 @@ def _draft(
         mask=mask,
     )
     return _Draft(id=rid, base_subject=subject, group=group, label=label, record=row.to_record())
-
-
-def _redact_draft(draft: _Draft, known: Redactor) -> _Draft:
-    """The draft with known raw subject ids replaced in the file part of its uri (the
-    ``#slice=NNN`` suffix is kept); the row id follows the new uri."""
-    match = re.fullmatch(r"(.*?)(#slice=\d+)?", draft.record["source"], re.DOTALL)
-    uri = known(match.group(1)) + (match.group(2) or "")
-    if uri == draft.record["source"]:
-        return draft
-    rid = row_id(uri)
-    return replace(draft, id=rid, record={**draft.record, "id": rid, "source": uri})
 
 
 def _image_drafts(
@@ -254,6 +272,8 @@ def _volume_drafts(
     if mask is not None and mask.shape != volume.shape:
         raise ReadError(f"mask shape {mask.shape} differs from volume shape {volume.shape}; expected equal")
     axis = spec.slice_axis
+    plane = [n for i, n in enumerate(volume.shape) if i != axis]
+    _limits(spec).check_aspect(plane[1], plane[0])
     unit = scale_intensity(volume, eight_bit, spec.clip_percentiles)
     slab = spec.split.slab_slices
     drafts: list[_Draft] = []
@@ -274,18 +294,20 @@ def _volume_drafts(
     return drafts, dropped
 
 
+def _limits(spec: PreprocessSpec) -> Limits:
+    return Limits(spec.max_pixels, spec.max_voxels, spec.max_aspect_ratio)
+
+
 def _process(item: _Input, spec: PreprocessSpec) -> _Outcome:
-    """Read, preprocess and encode one input file; per-file problems become a reject.
-    The outcome carries the file's own subject id (DICOM PatientID) for redaction."""
-    redactor = None
+    """Read, preprocess and encode one input file; per-file problems (including files over
+    the size limits, checked before decoding) become a reject."""
     try:
-        decoded = read_image(item.path)
-        redactor = decoded.redact
-        mask = None if item.mask_path is None else read_mask(item.mask_path)
+        decoded = read_image(item.path, _limits(spec))
+        mask = None if item.mask_path is None else read_mask(item.mask_path, _limits(spec))
         subject = item.subject or decoded.subject or item.stem_subject
         if decoded.kind == "image":
             drafts = _image_drafts(decoded, mask, spec, item.file, subject, item.label)
-            return _Outcome(drafts=drafts, redactor=redactor)
+            return _Outcome(drafts=drafts)
         drafts, dropped = _volume_drafts(
             decoded.array,
             decoded.eight_bit,
@@ -295,11 +317,13 @@ def _process(item: _Input, spec: PreprocessSpec) -> _Outcome:
             label_of=lambda k: item.label,
             uri_of=lambda k: f"{item.file}#slice={k:03d}",
         )
-        return _Outcome(drafts=drafts, dropped_slices=dropped, redactor=redactor)
+        return _Outcome(drafts=drafts, dropped_slices=dropped)
     except ReadError as exc:
-        outcome = _reject(item.file, str(exc))
-        outcome.redactor = redactor
-        return outcome
+        return _reject(item.file, str(exc))
+    except MemoryError:
+        return _reject(
+            item.file, "out of memory while decoding; lower preprocess.max_pixels/max_voxels or shrink the file"
+        )
 
 
 # --------------------------------------------------------------------------- paths
@@ -350,11 +374,18 @@ def _source_dir(paths: PipelinePaths, configured: str, what: str) -> Path:
 
 
 # --------------------------------------------------------------------------- sources
-def _folder_inputs(
-    src: FolderSource, paths: PipelinePaths, known: Redactor
-) -> tuple[list[_Input], list[dict[str, str]]]:
-    """Inputs below ``src.path`` (one sub-folder per class); subject ids matched by
-    ``subject_regex`` are added to ``known`` and replaced in the input's ``file``."""
+HIDDEN_REASON = "hidden {what} (name starts with '.'), skipped; rename it without the dot to ingest it"
+
+
+def _hidden_reject(rel: str, keep: int, is_dir: bool) -> dict[str, str]:
+    what = "folder" if is_dir else "file"
+    return {"file": pseudonymise_path(rel, keep) + ("/" if is_dir else ""), "reason": HIDDEN_REASON.format(what=what)}
+
+
+def _folder_inputs(src: FolderSource, paths: PipelinePaths) -> tuple[list[_Input], list[dict[str, str]]]:
+    """Inputs below ``src.path`` (one sub-folder per class). Paths in inputs and rejects
+    are pseudonymised below the class folder; hidden files and folders are rejected
+    (listed, not read)."""
     root = _source_dir(paths, src.path, "folder")
     if not root.is_dir():
         raise DataError(f"{src.path}: expected a folder with one sub-folder per class, got a file; fix source.path")
@@ -365,41 +396,46 @@ def _folder_inputs(
     real_root = root.resolve()
     inputs: list[_Input] = []
     rejects: list[dict[str, str]] = []
-    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    for loose in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if file_format(loose) is not None:
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    classes = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+    for entry in entries:
+        if entry.name.startswith("."):
+            is_dir = entry.is_dir()
+            rejects.append(_hidden_reject(entry.name, 1 if is_dir else 0, is_dir))  # a class folder name is kept
+        elif entry.is_file() and file_format(entry) is not None:
             rejects.append(
                 {
-                    "file": _printable(loose.name),
+                    "file": pseudonymise_path(entry.name),
                     "reason": f"image outside any class sub-folder; move it into {src.path}/<label>/",
                 }
             )
     for class_dir in classes:
-        files = sorted(
-            (
-                p
-                for p in class_dir.rglob("*")
-                if p.is_file() and not _hidden(PurePosixPath(p.relative_to(root).as_posix()))
-            ),
-            key=lambda p: p.relative_to(root).as_posix(),
-        )
+        files: list[Path] = []
+        for path in sorted(class_dir.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+            parts = PurePosixPath(path.relative_to(root).as_posix()).parts
+            hidden = [i for i, part in enumerate(parts) if part.startswith(".")]
+            if hidden and hidden[0] == len(parts) - 1:  # the entry itself is hidden (not inside a hidden folder)
+                rejects.append(_hidden_reject("/".join(parts), 1, path.is_dir()))
+            elif not hidden and path.is_file():
+                files.append(path)
         for path in files:
             rel = path.relative_to(root).as_posix()
+            shown = pseudonymise_path(rel, keep=1)
             if not _utf8(rel):
-                rejects.append({"file": _printable(rel), "reason": "file or folder name is not valid UTF-8; rename it"})
+                rejects.append({"file": shown, "reason": "file or folder name is not valid UTF-8; rename it"})
                 continue
             if not _inside(path, real_root):
-                rejects.append({"file": rel, "reason": "path escapes the dataset root (symlink); copy the file in"})
+                rejects.append({"file": shown, "reason": "path escapes the dataset root (symlink); copy the file in"})
                 continue
             if file_format(path) is None:
                 rejects.append(
                     {
-                        "file": rel,
+                        "file": shown,
                         "reason": "unsupported file type; expected PNG, JPEG, DICOM or NIfTI: convert or remove it",
                     }
                 )
                 continue
-            subject, shown = None, rel
+            subject = None
             if pattern is not None:
                 inner = path.relative_to(class_dir).as_posix()
                 match = pattern.search(inner)
@@ -407,17 +443,13 @@ def _folder_inputs(
                 if match is None or not match.group(group).strip():
                     rejects.append(
                         {
-                            "file": rel,
+                            "file": shown,
                             "reason": f"source.subject_regex {src.subject_regex!r} does not match; "
                             "fix the pattern or rename the file",
                         }
                     )
                     continue
-                raw = match.group(group)
-                known.add(raw)
-                subject = pseudonymise(raw)
-                start, end = match.span(group)
-                shown = f"{class_dir.name}/{inner[:start]}{subject}{inner[end:]}"
+                subject = pseudonymise(match.group(group))
             inputs.append(
                 _Input(
                     file=shown,
@@ -436,6 +468,21 @@ def _folder_inputs(
     return inputs, rejects
 
 
+def locate_inputs(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Path]:
+    """``{pseudonymised file: path on this machine}`` for a folder or CSV source, computed
+    with the current pseudonym key and never written anywhere: how a person who holds the
+    key finds the file behind a row's ``source`` or a reject's ``file``."""
+    src = cfg.source
+    if isinstance(src, FolderSource):
+        root = _source_dir(paths, src.path, "folder")
+        return {pseudonymise_path(p.relative_to(root).as_posix(), keep=1): p for p in sorted(root.rglob("*"))}
+    if isinstance(src, CsvSource):
+        csv_file = _source_dir(paths, src.path, "CSV")
+        root = paths.root / src.root if src.root else csv_file.parent
+        return {pseudonymise_path(p.relative_to(root).as_posix()): p for p in sorted(root.rglob("*"))}
+    return {}
+
+
 def _csv_path(entry: str, root: Path, real_root: Path) -> tuple[Path | None, str | None]:
     """Resolve one CSV path entry; returns (path, None) or (None, reason)."""
     try:
@@ -451,8 +498,8 @@ def _csv_path(entry: str, root: Path, real_root: Path) -> tuple[Path | None, str
     return full, None
 
 
-def _csv_inputs(src: CsvSource, paths: PipelinePaths, known: Redactor) -> tuple[list[_Input], list[dict[str, str]]]:
-    """Inputs listed in the CSV; every subject id is added to ``known``."""
+def _csv_inputs(src: CsvSource, paths: PipelinePaths) -> tuple[list[_Input], list[dict[str, str]]]:
+    """Inputs listed in the CSV; image paths in inputs and rejects are pseudonymised."""
     csv_file = _source_dir(paths, src.path, "CSV")
     if not csv_file.is_file():
         raise DataError(f"{src.path}: expected a CSV file, got a folder; point source.path at the CSV")
@@ -491,32 +538,32 @@ def _csv_inputs(src: CsvSource, paths: PipelinePaths, known: Redactor) -> tuple[
         label = (row.get("label") or "").strip()
         subject = (row.get("subject") or "").strip()
         mask_entry = (row.get("mask") or "").strip()
-        known.add(subject)  # replaced in the image path, in every reject of this row too
+        shown = pseudonymise_path(image)
         if not image:
             rejects.append(
                 {"file": f"{Path(src.path).name}:{line}", "reason": "empty image path; fill in the image column"}
             )
             continue
         if not label:
-            rejects.append({"file": image, "reason": f"missing label (CSV line {line}); fill in the label column"})
+            rejects.append({"file": shown, "reason": f"missing label (CSV line {line}); fill in the label column"})
             continue
         if not subject:
-            rejects.append({"file": image, "reason": f"missing subject (CSV line {line}); fill in the subject column"})
+            rejects.append({"file": shown, "reason": f"missing subject (CSV line {line}); fill in the subject column"})
             continue
         path, problem = _csv_path(image, root, real_root)
         if path is None:
-            rejects.append({"file": image, "reason": f"{problem} (CSV line {line})"})
+            rejects.append({"file": shown, "reason": f"{problem} (CSV line {line})"})
             continue
         mask_path = None
         if mask_entry:
             mask_path, problem = _csv_path(mask_entry, root, real_root)
             if mask_path is None:
-                rejects.append({"file": image, "reason": f"mask: {problem} (CSV line {line})"})
+                rejects.append({"file": shown, "reason": f"mask: {problem} (CSV line {line})"})
                 continue
         real = path.resolve().relative_to(real_root).as_posix()
         inputs.append(
             _Input(
-                file=real,
+                file=pseudonymise_path(real),
                 path=path,
                 label=label,
                 subject=pseudonymise(subject),
@@ -634,6 +681,25 @@ def _check_preprocess(spec: PreprocessSpec) -> None:
         raise ConfigError("preprocess.bit_depth: 16-bit is stored for grey only; set channels: 1 or bit_depth: 8")
 
 
+def _split_notes(drafts: list[_Draft], splits: dict[str, str], fractions: dict[str, float]) -> list[str]:
+    """One line per class that has no rows in some split with a positive fraction (too
+    few subjects or slabs of that class to honour the split); empty when all is well."""
+    seen: dict[str, set[str]] = {}
+    groups: dict[str, set[str]] = {}
+    for draft in drafts:
+        seen.setdefault(draft.label, set()).add(splits[draft.group])
+        groups.setdefault(draft.label, set()).add(draft.group)
+    notes = []
+    for label in sorted(seen):
+        missing = [s for s in SPLITS if fractions[s] > 0 and s not in seen[label]]
+        if missing:
+            notes.append(
+                f"class {label!r} has {len(groups[label])} split group(s) (subjects or slabs) and no rows in "
+                f"{', '.join(missing)}; add subjects of this class or set preprocess.split.slab_slices"
+            )
+    return notes
+
+
 def _write_rejects(paths: PipelinePaths, rejects: list[dict[str, str]]) -> None:
     paths.rejects.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sorted(rejects, key=lambda r: (r["file"], r["reason"])), paths.rejects)
@@ -663,18 +729,20 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     """
     spec = cfg.preprocess
     _check_preprocess(spec)
+    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # Pillow's bomb guard agrees with the configured limit
+    if cfg.source.kind != "mni152":
+        warn_if_default_key(cfg.source.kind)
     src = localize_source(cfg.source, paths)  # an s3 source: downloaded, then read as a folder
     extra: dict[str, Any] = {}
-    known = Redactor()  # raw subject ids met on the way; replaced in every path written out
     if isinstance(src, Mni152Source):
         outcome, digests = _mni152_outcome(src, spec)
         outcomes, rejects, n_inputs = [outcome], [], 1
         extra["template_sha256"] = digests
     else:
         if isinstance(src, FolderSource):
-            inputs, rejects = _folder_inputs(src, paths, known)
+            inputs, rejects = _folder_inputs(src, paths)
         else:
-            inputs, rejects = _csv_inputs(src, paths, known)
+            inputs, rejects = _csv_inputs(src, paths)
         unique: list[_Input] = []
         first: dict[str, _Input] = {}
         for item in inputs:
@@ -697,12 +765,9 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     for outcome in outcomes:
         if outcome.reject is not None:
             rejects.append(outcome.reject)
-        if outcome.redactor is not None:
-            known.update(outcome.redactor)
         drafts.extend(outcome.drafts)
         dropped += outcome.dropped_slices
-    drafts = [_redact_draft(d, known) for d in drafts]
-    rejects = [{"file": _printable_file(known(r["file"])), "reason": " ".join(r["reason"].split())} for r in rejects]
+    rejects = [{"file": _printable_file(r["file"]), "reason": " ".join(r["reason"].split())} for r in rejects]
     ids = Counter(d.id for d in drafts)
     if any(n > 1 for n in ids.values()):
         raise DataError("internal: two inputs gave the same row id; report this with the input file list")
@@ -729,6 +794,9 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             ", ".join(empty),
             len(group_labels),
         )
+    notes = _split_notes(drafts, splits, fractions)
+    for note in notes:
+        logger.warning("%s", note)
     drafts.sort(key=lambda d: d.id)
     subjects = len({d.base_subject for d in drafts})
     provenance = {
@@ -739,7 +807,13 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         "licence": cfg.source.licence,
         "preprocess": spec.model_dump(mode="json"),
         "seed": cfg.seed,
-        "pseudonym": {"method": "hmac-sha256", "key": key_source()},
+        "pseudonym": {
+            "method": "hmac-sha256",
+            "key": key_source(),
+            "key_id": key_id(),
+            "paths": "class folder kept, every other component hmac-sha256 (12 hex)",
+        },
+        "notes": notes,
         "foreground_threshold": FOREGROUND_THRESHOLD,
         "counts": {
             "inputs": n_inputs,

@@ -8,6 +8,13 @@ the raw ids: set the environment variable (and keep it out of git) for real pati
 
 The same subject and key always give the same pseudonym; without the key the mapping
 cannot be inverted or recomputed.
+
+File paths are pseudonymised the same way (:func:`pseudonymise_path`): every component
+below the source root (class folders excepted: they are labels) becomes 12 hex chars of
+HMAC-SHA256 over ``"path\0" + name``, keeping a known image suffix, so names such as
+``DOE_JANE_MRN4471234_19620314/SMITH_JOHN_20240101.dcm`` never reach an output or a log.
+:func:`key_id` is a keyed digest that names the key (never the key itself); it is part
+of the ingest fingerprint and the dataset manifest, so changing the key reruns ingest.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ KEY_ENV = "SYNTHMED_PSEUDONYM_KEY"
 DEFAULT_KEY = b"synthmed-public-default-pseudonym-key-v1"  # public: not a secret
 PREFIX = "sub-"
 HEX_CHARS = 12
+KEY_ID_CHARS = 16
+KEY_ID_MESSAGE = b"synthmed-key-id"
+PATH_DOMAIN = b"path\x00"
+KEPT_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".csv")
 
 _warned = False
 _warn_lock = threading.Lock()
@@ -53,6 +64,48 @@ def _key() -> bytes:
                 KEY_ENV,
             )
     return DEFAULT_KEY
+
+
+def warn_if_default_key(source_kind: str) -> bool:
+    """Log one loud warning line when real (non-demo) data is about to be pseudonymised
+    with the public default key; returns whether it warned."""
+    if key_source() == "env":
+        return False
+    logger.warning(
+        "UNSAFE: %s is not set, so subject ids and file names of this %s source are hashed with the "
+        "PUBLIC default key and can be reversed by guessing; export %s=<a long secret> and rerun ingest",
+        KEY_ENV,
+        source_kind,
+        KEY_ENV,
+    )
+    return True
+
+
+def key_id() -> str:
+    """16 hex chars of HMAC-SHA256(key, ``"synthmed-key-id"``): names the key in the
+    ingest fingerprint and manifest without revealing it (equal ids = equal keys)."""
+    return hmac.new(_key(), KEY_ID_MESSAGE, hashlib.sha256).hexdigest()[:KEY_ID_CHARS]
+
+
+def pseudonymise_name(name: str) -> str:
+    """One path component -> 12 hex chars of HMAC-SHA256(key, ``"path\\0" + name``), plus
+    the name's suffix when it is a known image suffix (lowercased): ``SMITH_1.DCM`` ->
+    ``"3fa2...e1.dcm"``. Any other suffix is hashed with the name (it may hold a date)."""
+    lower = name.lower()
+    suffix = next((s for s in KEPT_SUFFIXES if lower.endswith(s) and len(lower) > len(s)), "")
+    digest = hmac.new(_key(), PATH_DOMAIN + name.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return digest[:HEX_CHARS] + suffix
+
+
+def pseudonymise_path(rel: str, keep: int = 0) -> str:
+    """A posix path relative to a source root with every component but the first
+    ``keep`` (class folders, which are labels) replaced by :func:`pseudonymise_name`;
+    a ``#...`` fragment (``#slice=012``) is kept: ``disc/PAT-1/a.dcm#slice=003`` ->
+    ``disc/<12 hex>/<12 hex>.dcm#slice=003``."""
+    path, hash_mark, fragment = rel.partition("#slice=")
+    parts = [p for p in path.split("/") if p]
+    shown = parts[:keep] + [pseudonymise_name(p) for p in parts[keep:]]
+    return "/".join(shown) + (hash_mark + fragment if hash_mark else "")
 
 
 def pseudonymise(subject: str) -> str:

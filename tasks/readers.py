@@ -19,6 +19,13 @@ DICOM: only pixel data and the tags listed in :data:`DICOM_TAGS` are parsed
 identifier ever leaves this module (``Decoded.redact`` replaces it in a path without
 revealing it). PatientName, dates, institution etc. are never read.
 
+Size limits (:class:`Limits`, from ``preprocess.max_pixels`` / ``max_voxels`` /
+``max_aspect_ratio``) are checked on the header (PIL's lazy ``size``, the NIfTI header
+shape, DICOM Rows/Columns/NumberOfFrames) BEFORE any pixel is decoded, so a 139-byte
+PNG claiming 1 x 60000 pixels or a small gzip NIfTI claiming 1024^3 voxels is one
+reject, not a MemoryError. Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``) is set to
+the same pixel limit.
+
 Reasons never contain the machine path of the file (library messages that quote it
 have it replaced by ``<file>``), so ``rejects.json`` is the same on every machine.
 """
@@ -62,11 +69,59 @@ DICOM_TAGS = (
     "ExtendedOffsetTableLengths",
     "PixelData",
 )
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+DEFAULT_MAX_VOXELS = 512**3
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # Pillow's guard agrees with ours (ingest sets the configured value)
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 class ReadError(DataError):
     """One input file cannot be used; the message is the one-line reason for rejects.json."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest input accepted: ``max_pixels`` (H x W of a 2D image), ``max_voxels``
+    (I x J x K of a volume, rows x cols x frames of multi-frame DICOM) and
+    ``max_aspect_ratio`` (long side / short side of an image or of a volume's slices)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    def check_image(self, height: int, width: int) -> None:
+        """ReadError when an ``height x width`` image is empty, too big or too elongated."""
+        if height < 1 or width < 1:
+            raise ReadError(f"image of {height} x {width} pixels; expected at least 1 x 1: remove the file")
+        if height * width > self.max_pixels:
+            raise ReadError(
+                f"image of {height} x {width} = {height * width} pixels, over preprocess.max_pixels "
+                f"= {self.max_pixels}; downsample the file or raise the limit"
+            )
+        self.check_aspect(height, width)
+
+    def check_aspect(self, height: int, width: int) -> None:
+        ratio = max(height, width) / max(min(height, width), 1)
+        if ratio > self.max_aspect_ratio:
+            raise ReadError(
+                f"image or slice of {height} x {width} pixels (aspect ratio {ratio:.0f}:1), over "
+                f"preprocess.max_aspect_ratio = {self.max_aspect_ratio:g}; crop the file or raise the limit"
+            )
+
+    def check_volume(self, shape: tuple[int, ...]) -> None:
+        """ReadError when a volume of ``shape`` (spatial axes first) holds too many voxels."""
+        voxels = 1
+        for n in shape:
+            voxels *= max(int(n), 0)
+        if voxels > self.max_voxels:
+            raise ReadError(
+                f"volume of shape {tuple(int(n) for n in shape)} = {voxels} voxels, over preprocess.max_voxels "
+                f"= {self.max_voxels}; crop or downsample the file or raise the limit"
+            )
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -98,7 +153,10 @@ def describe(exc: BaseException, path: Path) -> str:
     """``TypeName: message`` on one line, with the file's machine path (as given, or
     resolved) replaced by ``<file>``: library messages often quote it."""
     text = str(exc)
-    for spelling in sorted({str(path), str(Path(path).resolve()), str(Path(path).absolute())}, key=len, reverse=True):
+    path = Path(path)
+    names = {path.name, *(p.name for p in path.parents)}  # folder/file names may hold identifiers
+    spellings = {str(path), str(path.resolve()), str(path.absolute()), *(n for n in names if len(n) > 3)}
+    for spelling in sorted(spellings, key=len, reverse=True):
         text = text.replace(spelling, "<file>")
     return f"{type(exc).__name__}: {one_line(text)}"
 
@@ -129,15 +187,16 @@ def _check_finite(array: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- PIL
-def read_pil(path: Path) -> Decoded:
+def read_pil(path: Path, limits: Limits = DEFAULT_LIMITS) -> Decoded:
     """PNG/JPEG: ``(1, H, W)`` grey or ``(3, H, W)`` RGB float32 raw samples.
 
     Modes: 1/L/LA/P/RGB/RGBA/CMYK/YCbCr are 8-bit (alpha dropped, palette expanded);
     I;16* are 16-bit grey, I (int32) and F (float32) grey are high-range.
-    JPEG EXIF orientation is applied.
+    JPEG EXIF orientation is applied. The size is checked against ``limits`` before decoding.
     """
     try:
         with Image.open(path) as img:
+            limits.check_image(img.size[1], img.size[0])
             img.load()
             if img.format == "JPEG":
                 img = ImageOps.exif_transpose(img)
@@ -167,10 +226,11 @@ def read_pil(path: Path) -> Decoded:
     return Decoded(np.ascontiguousarray(pixels), "image", eight_bit)
 
 
-def read_pil_mask(path: Path) -> np.ndarray:
+def read_pil_mask(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A single-channel PNG mask as ``(H, W)`` integer class indices (int64, not checked)."""
     try:
         with Image.open(path) as img:
+            limits.check_image(img.size[1], img.size[0])
             img.load()
             if img.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise ReadError(f"mask mode {img.mode!r}; expected a single-channel image of class indices")
@@ -186,12 +246,17 @@ def read_pil_mask(path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- NIfTI
-def _load_nifti(path: Path) -> np.ndarray:
+def _load_nifti(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # lazy: only the header is read here
+        shape = tuple(int(n) for n in img.shape)
+        if len(shape) == 2:
+            limits.check_image(shape[1], shape[0])
+        elif len(shape) >= 3:
+            limits.check_volume(shape)
         if len(img.shape) >= 3:
             img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -209,20 +274,21 @@ def _load_nifti(path: Path) -> np.ndarray:
     return data
 
 
-def read_nifti(path: Path) -> Decoded:
+def read_nifti(path: Path, limits: Limits = DEFAULT_LIMITS) -> Decoded:
     """NIfTI: 3D -> volume ``(I, J, K)``; 2D -> image ``(1, H, W)`` (``rot90`` of the array).
-    Scaling (scl_slope/inter) is applied; NaN/inf anywhere rejects the file."""
-    data = _load_nifti(path)
+    Scaling (scl_slope/inter) is applied; NaN/inf anywhere rejects the file; the header
+    shape is checked against ``limits`` before the data are read."""
+    data = _load_nifti(path, limits)
     _check_finite(data)
     if data.ndim == 2:
         return Decoded(np.ascontiguousarray(np.rot90(data))[None], "image", False)
     return Decoded(np.ascontiguousarray(data), "volume", False)
 
 
-def read_nifti_mask(path: Path) -> np.ndarray:
+def read_nifti_mask(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A NIfTI mask as int64 class indices, same layout as :func:`read_nifti`'s array
     (2D masks already rotated to ``(H, W)``). Non-integral values reject the mask."""
-    data = _load_nifti(path)
+    data = _load_nifti(path, limits)
     _check_finite(data)
     rounded = np.rint(data)
     if np.max(np.abs(data - rounded), initial=0.0) > 1e-3:
@@ -244,11 +310,12 @@ def _rescale(ds: object) -> tuple[float, float]:
     return float(1.0 if slope is None else slope), float(0.0 if intercept is None else intercept)
 
 
-def read_dicom(path: Path) -> Decoded:
+def read_dicom(path: Path, limits: Limits = DEFAULT_LIMITS) -> Decoded:
     """DICOM: single frame -> image ``(1, H, W)`` (or ``(3, H, W)`` for RGB); multi-frame
     grey -> volume ``(Columns, Rows, Frames)`` (see module doc). RescaleSlope/Intercept
     applied. ``subject`` = pseudonymised PatientID, or None when absent/empty.
-    Only :data:`DICOM_TAGS` (and the file meta) are parsed."""
+    Only :data:`DICOM_TAGS` (and the file meta) are parsed; Rows x Columns (x frames) is
+    checked against ``limits`` before the pixel data are decoded."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -258,6 +325,13 @@ def read_dicom(path: Path) -> Decoded:
             raise ReadError(
                 "DICOM has no PixelData; expected an image object (not a report or series index): remove it from the source"
             )
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if n_frames > 1:
+            limits.check_volume((rows, cols, n_frames))
+            limits.check_aspect(rows, cols)
+        else:
+            limits.check_image(rows, cols)
         pixels = np.asarray(ds.pixel_array)
         samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -316,30 +390,31 @@ def read_dicom(path: Path) -> Decoded:
 
 
 # --------------------------------------------------------------------------- dispatch
-def read_image(path: Path) -> Decoded:
-    """Read any supported image file; :class:`ReadError` for unsupported or corrupt files."""
+def read_image(path: Path, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Read any supported image file; :class:`ReadError` for unsupported, corrupt or
+    oversized (``limits``) files."""
     kind = file_format(path)
     if kind == "pil":
-        return read_pil(path)
+        return read_pil(path, limits)
     if kind == "nifti":
-        return read_nifti(path)
+        return read_nifti(path, limits)
     if kind == "dicom":
-        return read_dicom(path)
+        return read_dicom(path, limits)
     raise ReadError(
         "unsupported file type; expected .png, .jpg, .jpeg, .dcm (or DICOM without suffix), .nii, .nii.gz: convert or remove it"
     )
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Read a mask (PNG or NIfTI) as uint8 class indices: ``(H, W)`` or ``(I, J, K)``.
 
     A mask whose values are exactly {0, 255} (a binary mask saved as black/white) is
     mapped to {0, 1}. Values outside 0..255 reject the mask."""
     kind = file_format(path)
     if kind == "pil":
-        data = read_pil_mask(path)
+        data = read_pil_mask(path, limits)
     elif kind == "nifti":
-        data = read_nifti_mask(path)
+        data = read_nifti_mask(path, limits)
     else:
         raise ReadError("unsupported mask file type; expected .png or .nii/.nii.gz with class indices")
     if data.size and (data.min() < 0 or data.max() > 255):

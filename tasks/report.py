@@ -38,7 +38,16 @@ from generators.errors import ConfigError, DataError
 from generators.shards import BASE_COLUMNS, decode_table, iter_tables, read_manifest, read_table
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
-from tasks.quality_report import quality_markdown
+from tasks.quality_report import (
+    class_cell,
+    count_keys,
+    extractor_reliable,
+    failed_checks,
+    gate_rejected,
+    md_cell,
+    quality_markdown,
+    two_sample_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +81,34 @@ def read_metrics(path: Path, stage: str) -> dict[str, Any]:
         raise DataError(
             f"{path}: expected the metrics of the '{stage}' stage, found none; run `synthmed stage {stage}` first"
         )
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path}: expected the JSON metrics of the '{stage}' stage, got unparsable JSON ({exc}); "
+            f"rerun `synthmed stage {stage}`"
+        ) from None
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: expected a JSON object (the '{stage}' stage's metrics), got {type(data).__name__}; "
+            f"rerun `synthmed stage {stage}`"
+        )
+    return data
+
+
+def current_retrain(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any] | None:
+    """``retrain.json`` when it was computed on the current filtered set (its stage record
+    matches the current fingerprint), else None: after a rejected synthetic set the retrain
+    stage is skipped, and an earlier run's results must not stand in for this one's."""
+    path = paths.metrics / "retrain.json"
+    if not path.is_file():
+        return None
+    from tasks.stages import up_to_date
+
+    if up_to_date("retrain", cfg, paths) is None:
+        logger.info("%s predates the current synthetic set; the report leaves it out", path.name)
+        return None
+    return read_metrics(path, "retrain")
 
 
 def count_rejects(path: Path) -> int | None:
@@ -276,13 +312,17 @@ def render_fraction_plot(retrain: dict[str, Any]) -> bytes:
     x = [c["fraction"] for c in conditions]
     dodge = 1.03  # side by side on the log axis
     _plot_points(axes, [v / dodge for v in x], [c["real_only"][primary] for c in conditions], "real only", "C1")
-    _plot_points(
-        axes,
-        [v * dodge for v in x],
-        [c["augmented"][primary] for c in conditions],
-        f"real + synthetic (ratio {sweep['synthetic_ratio']:g})",
-        "C0",
-    )
+    trained = [
+        (v, c) for v, c in zip(x, conditions, strict=True) if (c["augmented"][primary] or {}).get("mean") is not None
+    ]
+    if trained:  # a fraction without synthetic rows has no augmented runs (verdict "not tested")
+        _plot_points(
+            axes,
+            [v * dodge for v, _ in trained],
+            [c["augmented"][primary] for _, c in trained],
+            f"real + synthetic (ratio {sweep['synthetic_ratio']:g})",
+            "C0",
+        )
     axes.set_xscale("log")
     axes.set_xticks(x)
     axes.set_xticklabels([f"{v:g}\n({c['n_real']} real)" for v, c in zip(x, conditions, strict=True)])
@@ -302,8 +342,11 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _mean_ci(stats: dict[str, Any]) -> str:
-    if stats.get("ci95_low") is None:
+def _mean_ci(stats: dict[str, Any] | None) -> str:
+    stats = stats or {}
+    if stats.get("mean") is None:
+        return "not trained"
+    if stats.get("ci95_low") is None or stats.get("ci95_high") is None:
         return f"{_fmt(stats['mean'])} (1 seed)"
     half = (stats["ci95_high"] - stats["ci95_low"]) / 2
     return f"{_fmt(stats['mean'])} ± {half:.3f}"
@@ -315,26 +358,34 @@ def _interval(low: float | None, high: float | None) -> str:
     return f"[{_fmt(low, True)}, {_fmt(high, True)}]"
 
 
-def metric_table(retrain: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric: means and 95% bounds of both settings and of the delta."""
+def untested(verdict: Any) -> bool:
+    """True for the verdicts of a comparison that was not made (``not tested: ...``)."""
+    return isinstance(verdict, str) and verdict.startswith("not tested")
+
+
+def metric_table(retrain: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per metric: means and 95% bounds of both settings and of the delta; empty
+    when no comparison was made (no retrain results, or a ``not tested`` verdict)."""
+    if not retrain or untested(retrain.get("verdict")):
+        return []
     rows = []
-    for metric, delta in retrain["delta"].items():
-        row: dict[str, Any] = {"metric": metric, "primary": metric == retrain["primary_metric"]}
+    for metric, delta in (retrain.get("delta") or {}).items():
+        row: dict[str, Any] = {"metric": metric, "primary": metric == retrain.get("primary_metric")}
         for setting in ("real_only", "augmented"):
-            stats = retrain[setting][metric]
+            stats = (retrain.get(setting) or {}).get(metric) or {}
             row.update(
                 {
-                    f"{setting}_mean": stats["mean"],
-                    f"{setting}_ci95_low": stats["ci95_low"],
-                    f"{setting}_ci95_high": stats["ci95_high"],
+                    f"{setting}_mean": stats.get("mean"),
+                    f"{setting}_ci95_low": stats.get("ci95_low"),
+                    f"{setting}_ci95_high": stats.get("ci95_high"),
                 }
             )
         row.update(
-            delta_mean=delta["mean"],
-            delta_ci95_low=delta["ci95_low"],
-            delta_ci95_high=delta["ci95_high"],
-            delta_bootstrap_ci95_low=delta["bootstrap_ci95_low"],
-            delta_bootstrap_ci95_high=delta["bootstrap_ci95_high"],
+            delta_mean=delta.get("mean"),
+            delta_ci95_low=delta.get("ci95_low"),
+            delta_ci95_high=delta.get("ci95_high"),
+            delta_bootstrap_ci95_low=delta.get("bootstrap_ci95_low"),
+            delta_bootstrap_ci95_high=delta.get("bootstrap_ci95_high"),
         )
         rows.append(row)
     return rows
@@ -347,36 +398,86 @@ WHY = {
 }
 
 
+def power_text(power: Any, verdict: Any) -> str:
+    """The power statement of a verdict without its leading ``<verdict>: `` (``""`` when the
+    retrain results carry none), e.g. ``this test (24 test images, 3 seeds) could only have
+    detected a change of at least 0.120 balanced accuracy``."""
+    statement = power.get("statement") if isinstance(power, dict) else None
+    if not statement:
+        return ""
+    statement = " ".join(str(statement).split())
+    prefix = f"{verdict}: "
+    return statement[len(prefix) :] if isinstance(verdict, str) and statement.startswith(prefix) else statement
+
+
+def _power_sentence(power: Any, verdict: Any) -> str:
+    text = power_text(power, verdict)
+    return f" Power: {md_cell(text)}." if text else ""
+
+
 def _delta_text(delta: dict[str, Any], seeds: int, n_test: int) -> str:
     return (
-        f"delta {_fmt(delta['mean'], True)}, 95% CI over {seeds} seed(s) "
-        f"{_interval(delta['ci95_low'], delta['ci95_high'])}, bootstrap over {n_test} test images "
-        f"{_interval(delta['bootstrap_ci95_low'], delta['bootstrap_ci95_high'])}"
+        f"delta {_fmt(delta.get('mean'), True)}, 95% CI over {seeds} seed(s) "
+        f"{_interval(delta.get('ci95_low'), delta.get('ci95_high'))}, bootstrap over {n_test} test images "
+        f"{_interval(delta.get('bootstrap_ci95_low'), delta.get('bootstrap_ci95_high'))}"
     )
 
 
-def _verdict_line(retrain: dict[str, Any]) -> str:
+def _untested_reason(retrain: dict[str, Any], quality: dict[str, Any]) -> str:
+    """Why the comparison was not made, from the retrain and quality results."""
+    verdict = retrain.get("verdict")
+    if verdict == "not tested: too little data":
+        problems = (retrain.get("preflight") or {}).get("problems") or []
+        shown = "; ".join(md_cell(p) for p in problems[:4]) + (
+            f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        )
+        return (
+            "the preflight found too few real images per class and split"
+            + (f" ({shown})" if shown else "")
+            + " and preflight.allow_too_little_data let the run go on"
+        )
+    if verdict == "not tested: no synthetic images reached the retrain":
+        totals = quality.get("totals") or {}
+        return (
+            f"the filters kept {totals.get('kept', 0)} of {totals.get('generated', 0)} synthetic images, so "
+            f"{retrain.get('n_synthetic_used', 0)} reached the retrain"
+        )
+    return "no comparison was made"
+
+
+def _verdict_line(retrain: dict[str, Any], quality: dict[str, Any] | None = None) -> str:
     primary = retrain["primary_metric"]
-    delta = retrain["delta"][primary]
+    verdict = retrain.get("verdict")
+    if untested(verdict):
+        return (
+            f"**Verdict on {primary}: {verdict}**: {_untested_reason(retrain, quality or {})}; real only was "
+            "not compared with real + synthetic, so there is no delta to report."
+        )
+    delta = (retrain.get("delta") or {}).get(primary) or {}
     return (
-        f"**Verdict on {primary}: {retrain['verdict']}**: "
-        f"{_delta_text(delta, len(retrain['seeds']), retrain['n_test'])}; {WHY.get(retrain['verdict'], '')}."
+        f"**Verdict on {primary}: {verdict}**: "
+        f"{_delta_text(delta, len(retrain.get('seeds') or []), retrain.get('n_test', 0))}; {WHY.get(verdict, '')}."
+        + _power_sentence(retrain.get("power"), verdict)
     )
 
 
 def _condition_line(name: str, condition: dict[str, Any], primary: str, seeds: int, n_test: int) -> str:
     """One verdict line of a sweep condition."""
-    verdict = condition["verdict"]
-    return (
-        f"- {name}: **{verdict}**: {_delta_text(condition['delta'][primary], seeds, n_test)}; {WHY.get(verdict, '')}."
+    verdict = condition.get("verdict")
+    delta = (condition.get("delta") or {}).get(primary)
+    if untested(verdict) or not delta:
+        return f"- {name}: **{verdict or 'not tested'}**: no comparison was made."
+    return f"- {name}: **{verdict}**: {_delta_text(delta, seeds, n_test)}; {WHY.get(verdict, '')}." + _power_sentence(
+        condition.get("power"), verdict
     )
 
 
 def _synthetic_count(condition: dict[str, Any]) -> str:
     """``77`` or ``77 of 152 requested`` when the filtered pool ran short."""
-    if condition["n_synthetic"] < condition["n_synthetic_requested"]:
-        return f"{condition['n_synthetic']} of {condition['n_synthetic_requested']} requested"
-    return str(condition["n_synthetic"])
+    n, requested = condition.get("n_synthetic", 0), condition.get("n_synthetic_requested", 0)
+    if n < requested:
+        return f"{n} of {requested} requested"
+    return str(n)
 
 
 def _few_seeds_note(seeds: int) -> list[str]:
@@ -397,44 +498,49 @@ def ratio_section(retrain: dict[str, Any]) -> list[str]:
     if not conditions:
         return lines + ["Not run: set `retrain.ratios` (e.g. `[0, 0.5, 1, 2]`) in pipelines.yaml.", ""]
     primary = retrain["primary_metric"]
-    seeds = len(sweep["seeds"])
+    seeds = len(sweep.get("seeds") or [])
     lines += [
-        f"The {retrain['n_real_train']} real train images plus ratio × as many filtered synthetic images "
+        f"The {retrain.get('n_real_train')} real train images plus ratio × as many filtered synthetic images "
         "(stratified by class; a larger ratio adds images to a smaller one's), each ratio compared with "
-        f"ratio 0 (real only), paired by seed: {seeds} seed(s) × {sweep['steps']} steps, batch "
-        f"{retrain['batch_size']}, evaluated on {retrain['n_test']} real test images.",
+        f"ratio 0 (real only), paired by seed: {seeds} seed(s) × {sweep.get('steps')} steps, batch "
+        f"{retrain.get('batch_size')}, evaluated on {retrain.get('n_test')} real test images.",
         "",
         f"| ratio | synthetic images | {primary} | delta vs real only | delta 95% CI (seeds) "
         "| delta 95% CI (bootstrap) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in conditions:
-        name = f"{c['ratio']:g}" + (" (real only)" if c["ratio"] == 0 else "")
-        if c["delta"] is None:
+        baseline = c.get("ratio") == 0
+        name = f"{c.get('ratio', 0):g}" + (" (real only)" if baseline else "")
+        d = (c.get("delta") or {}).get(primary)
+        if baseline:
             cells = ["", "", "", "baseline"]
+        elif untested(c.get("verdict")) or not d:
+            cells = ["", "", "", str(c.get("verdict") or "not tested")]
         else:
-            d = c["delta"][primary]
             cells = [
-                _fmt(d["mean"], True),
-                _interval(d["ci95_low"], d["ci95_high"]),
-                _interval(d["bootstrap_ci95_low"], d["bootstrap_ci95_high"]),
-                c["verdict"],
+                _fmt(d.get("mean"), True),
+                _interval(d.get("ci95_low"), d.get("ci95_high")),
+                _interval(d.get("bootstrap_ci95_low"), d.get("bootstrap_ci95_high")),
+                str(c.get("verdict")),
             ]
         lines.append(
-            f"| {name} | {_synthetic_count(c)} | {_mean_ci(c['metrics'][primary])} | " + " | ".join(cells) + " |"
+            f"| {name} | {_synthetic_count(c)} | {_mean_ci((c.get('metrics') or {}).get(primary))} | "
+            + " | ".join(cells)
+            + " |"
         )
     lines += ["", f"![{primary} vs synthetic:real ratio]({RATIO_PLOT})", "", f"Verdicts on {primary}:", ""]
     lines += [
-        _condition_line(f"ratio {c['ratio']:g}", c, primary, seeds, retrain["n_test"])
+        _condition_line(f"ratio {c['ratio']:g}", c, primary, seeds, retrain.get("n_test", 0))
         for c in conditions
-        if c["delta"] is not None
+        if c.get("ratio") != 0
     ]
     lines.append("")
-    short = [c for c in conditions if c["n_synthetic"] < c["n_synthetic_requested"]]
+    short = [c for c in conditions if c.get("n_synthetic", 0) < c.get("n_synthetic_requested", 0)]
     if short:
         lines += [
             "Not enough filtered synthetic images for ratio(s) "
-            + ", ".join(f"{c['ratio']:g} (effective {c['effective_ratio']:.2f})" for c in short)
+            + ", ".join(f"{c['ratio']:g} (effective {c.get('effective_ratio', 0):.2f})" for c in short)
             + ": those runs used all there were; synthesize more (synthesis.count_per_class) to test them.",
             "",
         ]
@@ -449,24 +555,33 @@ def low_data_section(retrain: dict[str, Any]) -> list[str]:
     if not conditions:
         return lines + ["Not run: set `retrain.real_fractions` (e.g. `[0.1, 0.25, 1.0]`) in pipelines.yaml.", ""]
     primary = retrain["primary_metric"]
-    seeds = len(sweep["seeds"])
+    seeds = len(sweep.get("seeds") or [])
     lines += [
         "A fraction of the real train split, stratified by class and spread over subjects (a different "
         "subset per seed, nested across fractions), real only vs plus "
-        f"{sweep['synthetic_ratio']:g} × as many filtered synthetic images, paired by seed: {seeds} seed(s) × "
-        f"{sweep['steps']} steps, batch {retrain['batch_size']} (or the whole set when smaller), evaluated on "
-        f"{retrain['n_test']} real test images.",
+        f"{sweep.get('synthetic_ratio', 0):g} × as many filtered synthetic images, paired by seed: {seeds} seed(s) × "
+        f"{sweep.get('steps')} steps, batch {retrain.get('batch_size')} (or the whole set when smaller), evaluated on "
+        f"{retrain.get('n_test')} real test images.",
         "",
         f"| real fraction | real images | synthetic images | real only ({primary}) | real + synthetic | delta "
         "| delta 95% CI (seeds) | delta 95% CI (bootstrap) | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in conditions:
-        d = c["delta"][primary]
+        d = (c.get("delta") or {}).get(primary)
+        if untested(c.get("verdict")) or not d:
+            delta_cells = ["", "", ""]
+        else:
+            delta_cells = [
+                _fmt(d.get("mean"), True),
+                _interval(d.get("ci95_low"), d.get("ci95_high")),
+                _interval(d.get("bootstrap_ci95_low"), d.get("bootstrap_ci95_high")),
+            ]
         lines.append(
-            f"| {c['fraction']:g} | {c['n_real']} | {_synthetic_count(c)} | {_mean_ci(c['real_only'][primary])} | "
-            f"{_mean_ci(c['augmented'][primary])} | {_fmt(d['mean'], True)} | {_interval(d['ci95_low'], d['ci95_high'])} | "
-            f"{_interval(d['bootstrap_ci95_low'], d['bootstrap_ci95_high'])} | {c['verdict']} |"
+            f"| {c.get('fraction', 0):g} | {c.get('n_real')} | {_synthetic_count(c)} | "
+            f"{_mean_ci((c.get('real_only') or {}).get(primary))} | {_mean_ci((c.get('augmented') or {}).get(primary))} | "
+            + " | ".join(delta_cells)
+            + f" | {c.get('verdict')} |"
         )
     lines += [
         "",
@@ -477,7 +592,11 @@ def low_data_section(retrain: dict[str, Any]) -> list[str]:
     ]
     lines += [
         _condition_line(
-            f"real fraction {c['fraction']:g} ({c['n_real']} real images)", c, primary, seeds, retrain["n_test"]
+            f"real fraction {c['fraction']:g} ({c.get('n_real')} real images)",
+            c,
+            primary,
+            seeds,
+            retrain.get("n_test", 0),
         )
         for c in conditions
     ]
@@ -494,59 +613,109 @@ def low_data_section(retrain: dict[str, Any]) -> list[str]:
 def _counts_table(
     real: dict[str, dict[str, int]], quality: dict[str, Any], used: dict[str, int], classes: list[str]
 ) -> list[str]:
+    """Real images per split and synthetic images generated / dropped (every ``dropped_*``
+    reason summed; per reason in the Filters table) / kept / used, one row per class."""
     splits = [s for s in ("train", "val", "test") if s in real] + sorted(set(real) - {"train", "val", "test"})
-    per_class = quality.get("per_class", {})
-    header = [
-        *(f"real {s}" for s in splits),
-        "synthetic generated",
-        "dropped (sanity)",
-        "dropped (label)",
-        "kept",
-        "used in retrain",
-    ]
+    per_class = quality.get("per_class") or {}
+    totals = quality.get("totals") or {}
+    dropped = [k for k in count_keys(totals, per_class) if k.startswith("dropped_")]
+
+    def synthetic_cells(entry: dict[str, Any]) -> list[str]:
+        return [
+            str(entry.get("generated", 0)),
+            str(sum(int(entry.get(k) or 0) for k in dropped)),
+            str(entry.get("kept", 0)),
+        ]
+
+    header = [*(f"real {s}" for s in splits), "synthetic generated", "dropped (all filters)", "kept", "used in retrain"]
     lines = ["| class | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     labels = list(classes) + sorted((set(per_class) | {lab for c in real.values() for lab in c}) - set(classes))
     for label in labels:
-        entry = per_class.get(label, {})
         cells = [str(real.get(s, {}).get(label, 0)) for s in splits]
-        cells += [str(entry.get(k, 0)) for k in ("generated", "dropped_sanity", "dropped_label", "kept")]
+        cells += synthetic_cells(per_class.get(label) or {})
         cells.append(str(used.get(label, 0)))
-        lines.append(f"| {label or '(unlabelled)'} | " + " | ".join(cells) + " |")
-    totals = quality.get("totals", {})
+        lines.append(f"| {class_cell(label)} | " + " | ".join(cells) + " |")
     cells = [str(sum(real.get(s, {}).values())) for s in splits]
-    cells += [str(totals.get(k, 0)) for k in ("generated", "dropped_sanity", "dropped_label", "kept")]
+    cells += synthetic_cells(totals)
     cells.append(str(sum(used.values())))
     lines.append("| **total** | " + " | ".join(cells) + " |")
     return lines
 
 
-def render_markdown(
-    pipeline: str,
-    description: str,
-    retrain: dict[str, Any],
-    quality: dict[str, Any],
-    real_counts: dict[str, dict[str, int]],
-    card: dict[str, Any] | None,
-    card_path: str,
-    rejects: int | None = None,
-    rejects_path: str = "rejects.json",
-) -> str:
-    """The report's Markdown (pure function of its inputs). ``rejects``: how many inputs
-    ingest refused (None: unknown)."""
-    lower = set(retrain.get("lower_is_better", []))
-    seeds = retrain["seeds"]
-    lines = [f"# synthmed report: {pipeline}", ""]
-    if description:
-        lines += [description, ""]
+def headline(retrain: dict[str, Any] | None, quality: dict[str, Any]) -> tuple[str, str]:
+    """``(verdict, markdown line)`` for the top of the report. The verdict is ``REJECTED``
+    when the quality gate failed (whatever retrain said), else retrain's verdict."""
+    if gate_rejected(quality):
+        why = "; ".join(failed_checks(quality)) or "see the quality gate below"
+        line = (
+            f"**Verdict: REJECTED**: the quality gate rejected the synthetic set ({why}); do not use these "
+            "synthetic images."
+        )
+        if retrain is None:
+            line += " Real only vs real + synthetic was not compared on a rejected set."
+        else:
+            line += f" A comparison ran on it anyway ({md_cell(retrain.get('verdict'))}); the rejection governs."
+        return "REJECTED", line
+    verdict = (retrain or {}).get("verdict") or "unknown"
+    primary = (retrain or {}).get("primary_metric", "the primary metric")
+    if untested(verdict):
+        return verdict, f"**Verdict: {verdict}**: {_untested_reason(retrain or {}, quality)}."
+    power = power_text((retrain or {}).get("power"), verdict)
+    return verdict, f"**Verdict on {primary}: {verdict}**" + (f": {md_cell(power)}" if power else "") + "."
+
+
+def _judge_summary(quality: dict[str, Any]) -> list[str]:
+    """One line on realism for the top of the report: the two-sample test, and whether the
+    set metrics may be read at all."""
+    parts = []
+    two_sample = two_sample_summary(quality)
+    if two_sample:
+        parts.append(f"Realism: {two_sample}.")
+    reliable = extractor_reliable(quality.get("set_metrics"))
+    if reliable is False:
+        parts.append(
+            "Set metrics (FID, KID, precision/recall, density/coverage) are **unreliable** here: their "
+            "extractor is near chance, so they are no evidence either way."
+        )
+    return [" ".join(parts), ""] if parts else []
+
+
+def _comparison_section(retrain: dict[str, Any] | None, quality: dict[str, Any]) -> list[str]:
+    """``## Does synthetic data help?``: the real-only vs real+synthetic table with the
+    verdict and its power, or why no comparison was made (never a delta table then)."""
+    lines = ["## Does synthetic data help?", ""]
+    if retrain is None:
+        return lines + [
+            "Not tested: the quality gate rejected the synthetic set, so the retrain stage did not compare "
+            "real only with real + synthetic (any earlier retrain results belong to another synthetic set "
+            "and are not shown).",
+            "",
+        ]
+    lower = set(retrain.get("lower_is_better") or [])
+    seeds = retrain.get("seeds") or []
+    verdict = retrain.get("verdict")
     lines += [
-        "## Does synthetic data help?",
+        f"Downstream {retrain.get('task')} with {retrain.get('network')}: {retrain.get('steps')} optimizer steps, "
+        f"batch {retrain.get('batch_size')}, lr {retrain.get('lr')}, seeds {', '.join(map(str, seeds))}. "
+        f"*real only*: {retrain.get('n_real_train')} real train images; *real + synthetic*: plus "
+        f"{retrain.get('n_synthetic_used')} filtered synthetic images (ratio {retrain.get('synthetic_ratio')}). "
+        f"Both evaluated on {retrain.get('n_test')} real test images.{_selection_note(retrain)}",
         "",
-        f"Downstream {retrain['task']} with {retrain['network']}: {retrain['steps']} optimizer steps, batch "
-        f"{retrain['batch_size']}, lr {retrain['lr']}, seeds {', '.join(map(str, seeds))}. "
-        f"*real only*: {retrain['n_real_train']} real train images; *real + synthetic*: plus "
-        f"{retrain['n_synthetic_used']} filtered synthetic images (ratio {retrain['synthetic_ratio']}). "
-        f"Both evaluated on {retrain['n_test']} real test images.{_selection_note(retrain)}",
-        "",
+    ]
+    if untested(verdict):
+        lines += [
+            _verdict_line(retrain, quality),
+            "",
+            f"Real only, for reference (mean ± half-width of the 95% t-interval over {len(seeds)} seed(s)):",
+            "",
+            "| metric | real only |",
+            "|---|---|",
+        ]
+        for metric, stats in (retrain.get("real_only") or {}).items():
+            name = f"**{metric}**" if metric == retrain.get("primary_metric") else metric
+            lines.append(f"| {name}{' (lower is better)' if metric in lower else ''} | {_mean_ci(stats)} |")
+        return [*lines, ""]
+    lines += [
         "| metric | real only | real + synthetic | delta | delta 95% CI (seeds) | delta 95% CI (bootstrap) |",
         "|---|---|---|---|---|---|",
     ]
@@ -555,7 +724,8 @@ def render_markdown(
         name = f"**{metric}**" if row["primary"] else metric
         name += " (lower is better)" if metric in lower else ""
         lines.append(
-            f"| {name} | {_mean_ci(retrain['real_only'][metric])} | {_mean_ci(retrain['augmented'][metric])} | "
+            f"| {name} | {_mean_ci((retrain.get('real_only') or {}).get(metric))} | "
+            f"{_mean_ci((retrain.get('augmented') or {}).get(metric))} | "
             f"{_fmt(row['delta_mean'], True)} | {_interval(row['delta_ci95_low'], row['delta_ci95_high'])} | "
             f"{_interval(row['delta_bootstrap_ci95_low'], row['delta_bootstrap_ci95_high'])} |"
         )
@@ -564,33 +734,78 @@ def render_markdown(
         f"Values: mean ± half-width of the 95% t-interval over {len(seeds)} seed(s). "
         "Delta = real + synthetic − real only, paired by seed.",
         "",
-        _verdict_line(retrain),
+        _verdict_line(retrain, quality),
         "",
+    ]
+    if retrain.get("verdict_rule"):
+        lines += [
+            f"How the verdict is decided (one rule for every verdict here): {md_cell(retrain['verdict_rule'])}",
+            "",
+        ]
+    lines += [
         "'no measurable effect' means the 95% intervals include zero at this budget; it is not evidence "
         "that there is no effect.",
         "",
-        *ratio_section(retrain),
-        *low_data_section(retrain),
-        "## Data",
-        "",
-        *_counts_table(real_counts, quality, retrain.get("synthetic_used_per_class", {}), retrain.get("classes", [])),
-        "",
     ]
+    return lines
+
+
+def _label_classifier(quality: dict[str, Any]) -> list[str]:
+    classifier = quality.get("label_classifier")
+    if not isinstance(classifier, dict):
+        return []
+    if classifier.get("val_accuracy") is None:
+        return ["Label-consistency filter: no labelled val split, so its accuracy is unknown.", ""]
+    drop = classifier.get("val_would_drop_fraction")
+    line = (
+        f"Label-consistency filter: its classifier ({md_cell(classifier.get('network'))}, "
+        f"{classifier.get('steps')} steps) reaches accuracy {_fmt(classifier['val_accuracy'])} on "
+        f"{classifier.get('n_val')} real val images"
+        + (f" and would drop {100 * drop:.1f}% of them." if isinstance(drop, (int, float)) else ".")
+    )
+    if classifier.get("reliable") is False:
+        chance = classifier.get("chance")
+        line += (
+            f" That is near chance{f' ({_fmt(chance)})' if isinstance(chance, (int, float)) else ''}: "
+            "the classifier is **unreliable**, so its drops say nothing about label errors."
+        )
+    elif classifier.get("reliable") is True:
+        line += " Reliable (well above chance)."
+    return [line, ""]
+
+
+def render_markdown(
+    pipeline: str,
+    description: str,
+    retrain: dict[str, Any] | None,
+    quality: dict[str, Any],
+    real_counts: dict[str, dict[str, int]],
+    card: dict[str, Any] | None,
+    card_path: str,
+    rejects: int | None = None,
+    rejects_path: str = "rejects.json",
+    classes: list[str] | None = None,
+) -> str:
+    """The report's Markdown (pure function of its inputs). ``retrain``: None when the quality
+    gate rejected the synthetic set and no current retrain results exist. ``rejects``: how
+    many inputs ingest refused (None: unknown). ``classes``: class order of the counts
+    table when ``retrain`` gives none."""
+    _, top = headline(retrain, quality)
+    lines = [f"# synthmed report: {pipeline}", "", top, ""]
+    lines += _judge_summary(quality)
+    if description:
+        lines += [description, ""]
+    lines += _comparison_section(retrain, quality)
+    if retrain is not None:
+        lines += [*ratio_section(retrain), *low_data_section(retrain)]
+    used = (retrain or {}).get("synthetic_used_per_class") or {}
+    order = list((retrain or {}).get("classes") or classes or [])
+    lines += ["## Data", "", *_counts_table(real_counts, quality, used, order), ""]
     if rejects is None:
         lines += [f"No `{rejects_path}`: the number of inputs ingest refused is unknown.", ""]
     else:
         lines += [f"Ingest rejected {rejects} input(s); files and reasons are listed in `{rejects_path}`.", ""]
-    classifier = quality.get("label_classifier")
-    if classifier and classifier.get("val_accuracy") is not None:
-        drop = classifier.get("val_would_drop_fraction")
-        lines += [
-            f"Label-consistency filter: its classifier ({classifier['network']}, {classifier['steps']} steps) "
-            f"reaches accuracy {_fmt(classifier['val_accuracy'])} on {classifier['n_val']} real val images"
-            + (f" and would drop {100 * drop:.1f}% of them." if drop is not None else "."),
-            "",
-        ]
-    elif classifier:
-        lines += ["Label-consistency filter: no labelled val split, so its accuracy is unknown.", ""]
+    lines += _label_classifier(quality)
     lines += [quality_markdown(quality)]
     lines += ["## Generator", ""]
     if card is None:
@@ -598,13 +813,15 @@ def render_markdown(
     else:
         time_s = card.get("training_time_s")
         timing = f"{time_s:.1f} s" if isinstance(time_s, (int, float)) else "not on the card"
+
+        def cell(key: str) -> str:
+            return md_cell(card[key]) if card.get(key) is not None else "n/a"
+
         lines += [
             "| id | version | architecture | training time | epochs | training images |",
             "|---|---|---|---|---|---|",
-            f"| {card.get('id') or 'n/a'} | {card.get('version') or 'n/a'} | {card.get('architecture') or 'n/a'} | "
-            f"{timing} | "
-            f"{card.get('training_epochs') if card.get('training_epochs') is not None else 'n/a'} | "
-            f"{card.get('training_images') if card.get('training_images') is not None else 'n/a'} |",
+            f"| {cell('id')} | {cell('version')} | {cell('architecture')} | {timing} | "
+            f"{cell('training_epochs')} | {cell('training_images')} |",
             "",
         ]
         if not isinstance(time_s, (int, float)):
@@ -614,7 +831,7 @@ def render_markdown(
                 "",
             ]
         if card.get("intended_use"):
-            lines += [f"Intended use: {card['intended_use']}", ""]
+            lines += [f"Intended use: {md_cell(card['intended_use'])}", ""]
     lines += [
         "## Images",
         "",
@@ -638,11 +855,20 @@ def _shown(path: Path, root: Path) -> str:
 
 def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     """Write ``report.md``, the two PNG grids and the sweep plots; returns ``{"report": path,
-    "markdown": text, "images": [paths], "table": [row dicts of the metrics table]}``."""
-    retrain = read_metrics(paths.metrics / "retrain.json", "retrain")
-    quality = read_metrics(paths.metrics / "quality.json", "filter")
-    real_counts = read_manifest(paths.real)["class_counts"]
-    classes = list(retrain.get("classes") or sorted({lab for c in real_counts.values() for lab in c if lab}))
+    "markdown": text, "images": [paths], "table": [row dicts of the metrics table],
+    "verdict": str, "rejected": bool}``. When the quality gate rejected the synthetic set
+    (``quality.json`` ``gate.passed`` false) the report is still written, says REJECTED at
+    the top, and needs no ``retrain.json`` (one from an earlier synthetic set is left out)."""
+    quality_path, retrain_path = paths.metrics / "quality.json", paths.metrics / "retrain.json"
+    if quality_path.is_file():
+        quality = read_metrics(quality_path, "filter")
+        rejected = gate_rejected(quality)
+        retrain = current_retrain(cfg, paths) if rejected else read_metrics(retrain_path, "retrain")
+    else:  # name the last missing stage first: running it runs the others
+        retrain = read_metrics(retrain_path, "retrain")
+        quality, rejected = read_metrics(quality_path, "filter"), False
+    real_counts = read_manifest(paths.real).get("class_counts") or {}
+    classes = list((retrain or {}).get("classes") or sorted({lab for c in real_counts.values() for lab in c if lab}))
     card_path = paths.generator / "card.yaml"
     card = read_card_summary(card_path)
     if card is None:
@@ -661,7 +887,7 @@ def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         (FRACTION_PLOT, "low_data", render_fraction_plot),
     ):
         plot_path = paths.reports / name
-        if (retrain.get(key) or {}).get("conditions"):
+        if retrain is not None and (retrain.get(key) or {}).get("conditions"):
             write_bytes_atomic(render(retrain), plot_path)
             images.append(str(plot_path))
         else:
@@ -677,8 +903,17 @@ def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         _shown(card_path, paths.root),
         rejects=rejects,
         rejects_path=_shown(paths.rejects, paths.root),
+        classes=classes,
     )
     report_path = paths.reports / REPORT_NAME
     write_text_atomic(markdown, report_path)
-    logger.info("report: %s (verdict: %s)", report_path, retrain["verdict"])
-    return {"report": str(report_path), "markdown": markdown, "images": images, "table": metric_table(retrain)}
+    verdict, _ = headline(retrain, quality)
+    logger.info("report: %s (verdict: %s)", report_path, verdict)
+    return {
+        "report": str(report_path),
+        "markdown": markdown,
+        "images": images,
+        "table": metric_table(retrain),
+        "verdict": verdict,
+        "rejected": rejected,
+    }

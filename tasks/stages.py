@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from generators.shards import MANIFEST_NAME, sha256_file, write_json_atomic
+from generators.errors import DataError
+from generators.shards import MANIFEST_NAME, REWRITE_HINT, sha256_file, verify_dataset, write_json_atomic
 from tasks.config import PipelineConfig
+from tasks.lock import pipeline_lock
 from tasks.paths import PipelinePaths
+from tasks.pseudonym import key_id
 
 log = logging.getLogger(__name__)
 CODE_ROOTS = ("tasks", "generators")
@@ -35,6 +38,7 @@ class Stage:
     params: tuple[str, ...]
     metrics: Callable[[PipelinePaths], list[Path]] = lambda p: []
     code: tuple[str, ...] = ()
+    fingerprint_extra: Callable[[], dict[str, str]] = lambda: {}  # what else the outputs depend on (no secrets)
 
     def load(self) -> Callable[[PipelineConfig, PipelinePaths], dict[str, Any]]:
         module, name = self.function.split(":")
@@ -61,6 +65,7 @@ STAGES: dict[str, Stage] = {
             lambda p, c: source_paths(c, p),
             lambda p: [p.real, p.rejects],
             ("seed", "source", "preprocess"),
+            fingerprint_extra=lambda: {"pseudonym_key_id": key_id()},  # a keyed digest, never the key
             code=(
                 "tasks/ingest.py",
                 "tasks/readers.py",
@@ -76,7 +81,13 @@ STAGES: dict[str, Stage] = {
             lambda p: [p.generator],
             ("threads", "device", "generator"),
             lambda p: [p.metrics / "train.json"],
-            code=("tasks/train.py", "generators/training.py", "generators/train_spec.py", "generators/architectures"),
+            code=(
+                "tasks/train.py",
+                "tasks/preflight.py",
+                "generators/training.py",
+                "generators/train_spec.py",
+                "generators/architectures",
+            ),
         ),
         Stage(
             "synthesize",
@@ -101,12 +112,15 @@ STAGES: dict[str, Stage] = {
             lambda p: [p.metrics / "quality.json"],
             code=(
                 "tasks/filter.py",
+                "tasks/mask_filters.py",
                 "tasks/downstream.py",
                 "tasks/features.py",
                 "tasks/fid_inception.py",
                 "tasks/nn_filters.py",
                 "tasks/quality_metrics.py",
                 "tasks/quality_sets.py",
+                "tasks/realism.py",
+                "tasks/contrastive.py",
             ),
         ),
         Stage(
@@ -116,7 +130,14 @@ STAGES: dict[str, Stage] = {
             lambda p: [p.metrics / "retrain_seeds.csv"],
             ("seed", "threads", "retrain"),
             lambda p: [p.metrics / "retrain.json"],
-            code=("tasks/retrain.py", "tasks/downstream.py"),
+            code=(
+                "tasks/retrain.py",
+                "tasks/retrain_data.py",
+                "tasks/retrain_runs.py",
+                "tasks/statistics.py",
+                "tasks/downstream.py",
+                "tasks/preflight.py",
+            ),
         ),
         Stage(
             "report",
@@ -131,7 +152,7 @@ STAGES: dict[str, Stage] = {
             ],
             lambda p: [p.reports],
             ("report",),
-            code=("tasks/report.py",),
+            code=("tasks/report.py", "tasks/quality_report.py"),
         ),
     )
 }
@@ -181,9 +202,11 @@ def dvc_yaml(pipeline: str, cfg: PipelineConfig, *, with_code: bool = True) -> d
     }
 
 
-def digest_path(path: Path) -> str | None:
+def digest_path(path: Path, *, fix: str = REWRITE_HINT) -> str | None:
     """Content digest of a file or directory (None when absent). A dataset directory is
-    digested through its manifest, which records every shard's sha256."""
+    digested through its manifest, which records every shard's sha256, after every shard
+    is checked against it (``verify_dataset``): a corrupted, truncated or edited dataset
+    raises a one-line :class:`DataError` ending with ``fix``, never a stale digest."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
@@ -192,9 +215,7 @@ def digest_path(path: Path) -> str | None:
     digest = hashlib.sha256()
     manifest = path / MANIFEST_NAME
     if manifest.is_file():
-        shards = json.loads(manifest.read_text()).get("shards", [])
-        if not all((path / s["file"]).is_file() for s in shards):
-            return None
+        verify_dataset(path, fix=fix)
         digest.update(sha256_file(manifest).encode())
         return digest.hexdigest()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -214,32 +235,109 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def _dep_key(path: Path, root: Path) -> str:
+    """A dep's name in the fingerprint: relative to the project root, or absolute (posix)
+    for data outside it (an absolute ``source.path``)."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else Path(path).absolute().as_posix()
+
+
 def fingerprint(verb: str, cfg: PipelineConfig, paths: PipelinePaths) -> str:
     """Hash of what a stage's outputs depend on: its params, its inputs' content, the code."""
     stage = STAGES[verb]
     params = {key: cfg.model_dump(mode="json")[key] for key in stage.params}
-    inputs = {str(p.relative_to(paths.root)): digest_path(p) for p in stage.deps(paths, cfg)}
-    payload = json.dumps({"verb": verb, "params": params, "inputs": inputs, "code": code_digest()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    inputs = {_dep_key(p, paths.root): digest_path(p, fix=rewrite_hint(p, paths)) for p in stage.deps(paths, cfg)}
+    payload = {"verb": verb, "params": params, "inputs": inputs, "code": code_digest()}
+    payload.update({f"extra:{k}": v for k, v in stage.fingerprint_extra().items()})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _record_path(verb: str, paths: PipelinePaths) -> Path:
     return paths.state / f"{verb}.json"
 
 
-def up_to_date(verb: str, cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any] | None:
-    """The recorded summary when the stage's outputs match its current fingerprint, else None."""
+def rewrite_hint(path: Path, paths: PipelinePaths) -> str:
+    """How to restore a stage output: rerun the stage that writes it, or check it out of DVC."""
+    rel = Path(path).relative_to(paths.root).as_posix() if Path(path).is_relative_to(paths.root) else str(path)
+    for verb, stage in STAGES.items():
+        if Path(path) in stage.outs(paths):
+            return f"rerun `synthmed stage {verb} --pipeline {paths.pipeline}` or `dvc checkout {rel}`"
+    return f"restore {rel} (e.g. `dvc checkout {rel}`)"
+
+
+def verify_inputs(verb: str, cfg: PipelineConfig, paths: PipelinePaths) -> None:
+    """Check every dataset a stage reads against its manifest before the stage trusts it
+    (sha256 per shard, row and class counts); a one-line :class:`DataError` names the bad
+    file and how to restore it."""
+    for dep in STAGES[verb].deps(paths, cfg):
+        if (dep / MANIFEST_NAME).is_file():
+            verify_dataset(dep, fix=rewrite_hint(dep, paths))
+
+
+ROOT_MARK = "${project}"  # stands for the project root in recorded summaries
+
+
+def _portable(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string that starts with the path ``old`` rebased onto ``new``
+    (summaries name output files by absolute path; a copied project must not be served
+    the original's)."""
+    if isinstance(value, str):
+        if value == old or value.startswith(old + "/"):
+            return new + value[len(old) :]
+        return value
+    if isinstance(value, dict):
+        return {k: _portable(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, old, new) for v in value]
+    return value
+
+
+def _read_record(verb: str, paths: PipelinePaths) -> dict[str, Any] | None:
+    """The stage record, or None when absent or unreadable (truncated, edited): an
+    unreadable record only means the stage reruns."""
     record_path = _record_path(verb, paths)
     if not record_path.is_file():
         return None
-    record = json.loads(record_path.read_text())
-    if record.get("fingerprint") != fingerprint(verb, cfg, paths):
+    try:
+        record = json.loads(record_path.read_bytes())
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("fingerprint"), str)
+            and isinstance(record.get("outputs"), dict)
+            and isinstance(record.get("summary"), dict)
+        ):
+            raise ValueError("not a stage record")
+    except (OSError, ValueError) as exc:
+        log.warning(
+            ".synthmed/%s/%s.json: unreadable stage record (%s); stage %s counts as not up to date",
+            paths.pipeline,
+            verb,
+            type(exc).__name__,
+            verb,
+        )
+        return None
+    return record
+
+
+def up_to_date(verb: str, cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any] | None:
+    """The recorded summary when the stage's outputs match its current fingerprint, else None.
+
+    A corrupted input dataset raises :class:`DataError` (the stage cannot run on it); a
+    corrupted, missing or edited output only makes the stage not up to date."""
+    record = _read_record(verb, paths)
+    if record is None:
+        return None
+    if record["fingerprint"] != fingerprint(verb, cfg, paths):
         return None
     stage = STAGES[verb]
     for out in [*stage.outs(paths), *stage.metrics(paths)]:
-        if record["outputs"].get(str(out.relative_to(paths.root))) != digest_path(out):
+        try:
+            current = digest_path(out)
+        except DataError as exc:
+            log.warning("stage %s output is not intact (%s); it reruns", verb, exc)
             return None
-    return record["summary"]
+        if record["outputs"].get(str(out.relative_to(paths.root))) != current:
+            return None
+    return _portable(record["summary"], ROOT_MARK, str(paths.root))
 
 
 def run_stage(
@@ -249,20 +347,28 @@ def run_stage(
     ``skipped`` (bool). A record of the fingerprint and output digests is kept under
     ``paths.state`` so either driver can tell later whether the outputs are current.
     ``options`` go to the stage function and must not change its outputs (e.g.
-    ``map_shards`` of ``synthesize``: where shards are made, not what they hold)."""
+    ``map_shards`` of ``synthesize``: where shards are made, not what they hold).
+
+    Holds the pipeline's lock (``tasks/lock.py``) throughout, and checks the stage's input
+    datasets against their manifests before the stage function reads them."""
     if verb not in STAGES:
         raise KeyError(verb)
-    if not force:
-        summary = up_to_date(verb, cfg, paths)
-        if summary is not None:
-            log.info("stage %s is up to date; skipped", verb)
-            return {**summary, "skipped": True}
-    stage = STAGES[verb]
-    summary = stage.load()(cfg, paths, **options)
-    paths.state.mkdir(parents=True, exist_ok=True)
-    outputs = {str(p.relative_to(paths.root)): digest_path(p) for p in [*stage.outs(paths), *stage.metrics(paths)]}
-    write_json_atomic(
-        {"fingerprint": fingerprint(verb, cfg, paths), "outputs": outputs, "summary": summary},
-        _record_path(verb, paths),
-    )
-    return {**summary, "skipped": False}
+    with pipeline_lock(paths):
+        if not force:
+            summary = up_to_date(verb, cfg, paths)
+            if summary is not None:
+                log.info("stage %s is up to date; skipped", verb)
+                return {**summary, "skipped": True}
+        stage = STAGES[verb]
+        verify_inputs(verb, cfg, paths)
+        summary = stage.load()(cfg, paths, **options)
+        paths.state.mkdir(parents=True, exist_ok=True)
+        outs = [*stage.outs(paths), *stage.metrics(paths)]
+        outputs = {str(p.relative_to(paths.root)): digest_path(p) for p in outs}
+        record = {
+            "fingerprint": fingerprint(verb, cfg, paths),
+            "outputs": outputs,
+            "summary": _portable(summary, str(paths.root), ROOT_MARK),
+        }
+        write_json_atomic(record, _record_path(verb, paths))
+        return {**summary, "skipped": False}

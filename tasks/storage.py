@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 from generators.errors import ConfigError, DataError, SynthmedError, TransientError
 from tasks.paths import PipelinePaths
@@ -40,6 +42,9 @@ CREDENTIAL_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
 )
 T = TypeVar("T")
+BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,15 @@ class S3Uri:
     @classmethod
     def parse(cls, uri: str) -> "S3Uri":
         if not uri.startswith("s3://"):
-            raise ConfigError(f"expected an s3://bucket/prefix URI, got {uri!r}; start it with s3://")
+            raise ConfigError(f"expected an s3://bucket/prefix URI, got {redact_url(uri)!r}; start it with s3://")
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise ConfigError(f"{uri!r} names no bucket; expected s3://bucket/prefix")
+        if not BUCKET_PATTERN.fullmatch(bucket):
+            raise ConfigError(
+                f"{redact_url(uri)!r}: not an S3 bucket name (3-63 lowercase letters, digits, '.', '-'; no "
+                "credentials in the URI); expected s3://bucket/prefix, keys in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            )
         parts = [p for p in prefix.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise ConfigError(f"{uri!r}: '.' and '..' are not allowed in an S3 prefix; give the plain path")
@@ -76,12 +86,55 @@ def is_s3_uri(value: str) -> bool:
     return value.startswith("s3://")
 
 
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]`` of ``url`` for messages: any ``user:password@`` becomes
+    ``***@`` and the path, query and fragment (which may carry signed tokens) are dropped."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        scheme, rest = "", scheme
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    host = netloc.rpartition("@")[2]
+    host = "".join(c for c in host if c.isprintable() and not c.isspace())[:80]
+    shown = f"***@{host}" if "@" in netloc else host
+    return f"{scheme[:10]}://{shown}" if sep else shown
+
+
+def check_endpoint_url(value: str, name: str = ENDPOINT_ENVS[0]) -> str:
+    """``value`` if it is a plain ``http(s)://host[:port][/path]`` URL; else ConfigError
+    with one line that never echoes credentials (see :func:`redact_url`)."""
+    shown = redact_url(value)
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        parts, port_ok = None, False
+    netloc = value.partition("://")[2].split("/", 1)[0]
+    if "@" in netloc or (parts is not None and (parts.username or parts.password)):
+        raise ConfigError(
+            f"{name} must not contain credentials ({shown}); put keys in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
+    if (
+        parts is None
+        or not port_ok
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or any(c.isspace() or not c.isprintable() for c in value)
+    ):
+        raise ConfigError(
+            f"{name}: expected an http(s)://host[:port] URL (e.g. http://localhost:9000), got {shown!r}; fix it"
+        )
+    return value
+
+
 def endpoint_url() -> str | None:
-    """The S3 endpoint from the environment (None: AWS's own endpoints)."""
+    """The S3 endpoint from the environment (None: AWS's own endpoints), checked by
+    :func:`check_endpoint_url` (no credentials inside, a plain http(s) URL)."""
     for name in ENDPOINT_ENVS:
         value = os.environ.get(name, "").strip()
         if value:
-            return value
+            return check_endpoint_url(value, name)
     return None
 
 
@@ -98,11 +151,19 @@ def s3_client() -> Any:
         region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
     )
     config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
         retries={"max_attempts": 3, "mode": "standard"},
         # S3-compatible stores (MinIO, moto, Ceph) expect path-style addressing
         s3={"addressing_style": "path" if endpoint else "auto"},
     )
-    return session.client("s3", endpoint_url=endpoint, config=config)
+    try:
+        return session.client("s3", endpoint_url=endpoint, config=config)
+    except ValueError as exc:  # botocore: "Invalid endpoint: <url>" (echoes the URL: not shown)
+        shown = redact_url(endpoint or "")
+        raise ConfigError(
+            f"{ENDPOINT_ENVS[0]}: the S3 client refused the endpoint {shown!r} ({type(exc).__name__})"
+        ) from None
 
 
 def call_s3(action: Callable[[], T], what: str) -> T:

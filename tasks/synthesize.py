@@ -42,9 +42,9 @@ from generators.shards import (
     DatasetWriter,
     Row,
     from_unit_float,
-    read_manifest,
     read_table,
     records_to_table,
+    verify_dataset,
 )
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
@@ -249,7 +249,11 @@ def resume_key(
 
 
 def real_train_counts(paths: PipelinePaths) -> dict[str, int]:
-    counts = read_manifest(paths.real)["class_counts"].get("train", {})
+    """Images per class of the real ``train`` split, from a manifest checked against its
+    shards (an edited ``class_counts`` that drops a class is an error, not a class never made)."""
+    from tasks.stages import rewrite_hint
+
+    counts = verify_dataset(paths.real, fix=rewrite_hint(paths.real, paths))["class_counts"].get("train", {})
     if not counts:
         raise DataError(f"{paths.real}: no labelled training images; ingest a labelled source first")
     return dict(counts)

@@ -22,31 +22,42 @@ from typing import Any, Sequence
 import numpy as np
 
 from generators import registry
+from generators.architectures.controls import HOLDOUT_SPLIT
 from generators.card import Conditioning, ModelCard, TrainingInfo, Weights, save_card
 from generators.errors import DataError, GeneratorError
 from generators.shards import dataset_digest, decode_table, read_manifest, read_table, replace_dir, write_json_atomic
 from generators.train_spec import TrainSpec
-from generators.training import TrainingData, train_cgan, train_generator
+from generators.training import TrainingData, discard_checkpoint, train_cgan, train_generator
 from generators.weights import save_weights, verify_sha256
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
+from tasks.preflight import preflight
 from tasks.runtime import setup_torch
 
 log = logging.getLogger(__name__)
 MASK_CLASSES = ("background", "grey_matter", "white_matter")
 
 
-def load_training_data(paths: PipelinePaths, with_masks: bool) -> TrainingData:
-    """Decode the real ``train`` split: images float32 (N, C, H, W) in [0, 1]."""
-    table = read_table(paths.real, splits=["train"])
+def load_training_data(paths: PipelinePaths, with_masks: bool, split: str = "train") -> TrainingData:
+    """Decode the real ``train`` split: images float32 (N, C, H, W) in [0, 1]. Another
+    ``split`` (the ``real-holdout`` control's held-out split) keeps the train split's class
+    names, so the generator's card lists the classes the rest of the pipeline expects."""
+    table = read_table(paths.real, splits=[split])
     if table.num_rows == 0:
-        raise DataError(f"{paths.real}: the train split is empty; add images or lower preprocess.split.val/test")
+        raise DataError(f"{paths.real}: the {split} split is empty; add images or adjust preprocess.split")
     arrays = decode_table(table)
     if any(label is None for label in arrays.labels):
         raise DataError(
             f"{paths.real}: every training image needs a label for a conditional generator; fix the source labels"
         )
     names = tuple(sorted(set(arrays.labels)))
+    if split != "train":
+        names = tuple(sorted(read_manifest(paths.real)["class_counts"].get("train", {})))
+        if set(arrays.labels) - set(names):
+            raise DataError(
+                f"{paths.real}: expected {split} labels among the train classes {list(names)}, got "
+                f"{sorted(set(arrays.labels) - set(names))}; re-ingest with consistent labels"
+            )
     labels = np.array([names.index(label) for label in arrays.labels], dtype=np.int64)
     masks = arrays.masks if with_masks else None
     if with_masks and masks is None:
@@ -68,7 +79,9 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
     if spec is None:
         raise GeneratorError("generator.train is missing; give a train block or an id/query")
     device = setup_torch(cfg, spec.seed)
-    data = load_training_data(paths, spec.with_masks)
+    # the positive control serves held-out real images: it gets that split, never train or test
+    split = HOLDOUT_SPLIT if spec.architecture == "real-holdout" else "train"
+    data = load_training_data(paths, spec.with_masks, split)
     manifest = read_manifest(paths.real)
     checkpoint = paths.state / f"generator-{_fingerprint(cfg, paths)}.ckpt"
     if spec.architecture != "cgan":
@@ -149,7 +162,7 @@ def _finish(
         writer.writerow(columns)
         for row in result.history:
             writer.writerow([int(row["epoch"]), *(f"{row[k]:.6f}" for k in columns[1:])])
-    checkpoint.unlink(missing_ok=True)
+    discard_checkpoint(checkpoint)
     return {
         "generator": card.ref,
         "trained": True,
@@ -167,12 +180,19 @@ _DESCRIPTIONS = {
     "ddpm": "Class-conditional diffusion model (MONAI DiffusionModelUNet, DDPM training, DDIM sampling)",
     "pix2pix": "Mask-to-image pix2pix (MONAI UNet + PatchDiscriminator, L1 + adversarial) emitting image/mask "
     "pairs; its weights file holds a pool of training segmentation masks (no pixel data, no ids)",
+    "noise": "NEGATIVE CONTROL: per-class Gaussian noise (salt-noise masks when paired); the judge must reject it",
+    "blobs": "NEGATIVE CONTROL: smooth random blobs (salt-noise masks when paired); the judge must reject it",
+    "real-holdout": f"POSITIVE CONTROL: serves held-out REAL images of the {HOLDOUT_SPLIT} split (never train or "
+    "test), stored in its weights file; a local control, not a model to share",
 }
 _TAGS = {
     "dcgan": ("unconditional", "gan"),
     "vae": ("conditional", "vae"),
     "ddpm": ("conditional", "diffusion"),
     "pix2pix": ("conditional", "gan", "mask-to-image"),
+    "noise": ("control", "negative-control"),
+    "blobs": ("control", "negative-control"),
+    "real-holdout": ("control", "positive-control", "real-images"),
 }
 
 
@@ -270,7 +290,12 @@ def train(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     staging = paths.generator.with_name(f".{paths.generator.name}.staging-{uuid.uuid4().hex}")
     staging.mkdir()
     try:
-        summary = _train_new(cfg, paths, staging) if cfg.generator.train else _select_existing(cfg, staging)
+        if cfg.generator.train:
+            preflight(cfg, paths)  # enough real images per class and split, before any training
+            summary = _train_new(cfg, paths, staging)
+        else:
+            summary = _select_existing(cfg, staging)
+            preflight(cfg, paths)  # after the (cheap) selection, before anything is replaced
         replace_dir(staging, paths.generator)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

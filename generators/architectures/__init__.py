@@ -8,7 +8,13 @@ dcgan      Generator / Discriminator (MedNIST GAN bundle recipe)   none         
 vae        VarAutoEncoder, label maps in, label appended to z      label                decode z ~ N(0, I)
 ddpm       DiffusionModelUNet (class embedding) + DDPM scheduler   label                DDIM, ``ddim_steps``
 pix2pix    UNet generator + PatchDiscriminator, L1 + adversarial   mask (+ label)       one forward pass
+noise      none (negative control: per-class Gaussian noise)       label, salt masks    seeded draw
+blobs      none (negative control: smooth random blobs)            label, salt masks    seeded draw
+holdout    none (positive control: held-out REAL val images)       label, real masks    seeded permutation
 =========  ======================================================  ===================  =========================
+
+``holdout`` is the architecture named ``real-holdout``; the controls prove the judge (see
+``generators/architectures/controls.py``).
 
 Every model emits float32 images ``(N, C, H, W)`` in [0, 1] (the card's ``value_range``
 must say so) and is deterministic for a seed. ``LOADERS[card.architecture](card,
@@ -38,7 +44,7 @@ from torch import nn
 
 from generators.card import ModelCard
 from generators.contract import Generator
-from generators.errors import GeneratorError
+from generators.errors import DataError, GeneratorError
 
 # architecture -> (module, model class); the class takes (card, state_dict, device)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -47,6 +53,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "vae": ("generators.architectures.vae", "VaeModel"),
     "ddpm": ("generators.architectures.ddpm", "DdpmModel"),
     "pix2pix": ("generators.architectures.pix2pix", "Pix2pixModel"),
+    # controls that prove the judge (generators/architectures/controls.py)
+    "noise": ("generators.architectures.controls", "NoiseModel"),
+    "blobs": ("generators.architectures.controls", "NoiseModel"),
+    "real-holdout": ("generators.architectures.controls", "HoldoutModel"),
 }
 
 
@@ -107,8 +117,22 @@ def label_indices(card: ModelCard, n: int, condition: Sequence[str] | str | None
     return [labels.index(name) for name in names]
 
 
+def check_shapes(module: nn.Module, state: dict[str, torch.Tensor], card: ModelCard) -> None:
+    """DataError (one line, naming the card, the tensor and both shapes) when a tensor of
+    ``state`` has another shape than the same-named tensor of ``module``."""
+    expected = module.state_dict()
+    for key, tensor in state.items():
+        if key in expected and isinstance(tensor, torch.Tensor) and tensor.shape != expected[key].shape:
+            raise DataError(
+                f"{card.ref}: weights tensor '{key}' has shape {list(tensor.shape)}, the network expects "
+                f"{list(expected[key].shape)}; the weights file does not match the card's network settings: "
+                "retrain, or restore the matching weights"
+            )
+
+
 def load_network(module: nn.Module, state: dict[str, torch.Tensor], card: ModelCard) -> None:
     """Strictly load ``state`` into ``module``; a mismatch names the card, not torch internals."""
+    check_shapes(module, state, card)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise GeneratorError(

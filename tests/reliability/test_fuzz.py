@@ -164,6 +164,34 @@ def test_mutated_shipped_config_is_valid_or_a_one_line_config_error(scratch: Pat
     check_config_text(scratch, dump(document))
 
 
+# --------------------------------------------------------------------------- model cards
+SHIPPED_CARD = yaml.safe_load((REPO / "generators" / "zoo" / "mni152_cgan" / "card.yaml").read_text())
+CARD_KEYS = st.sampled_from([*SHIPPED_CARD, "id", "version", "weights", "file", "value", "labels"])
+
+
+@FUZZ
+@given(key=CARD_KEYS, value=VALUES | st.sampled_from(["/abs", "../x", "a/../b", "a//b", "x" * 200, "a\\b", "1.0/.."]))
+def test_mutated_card_is_a_card_or_a_one_line_config_error(scratch: Path, key: str, value: Any) -> None:
+    """A shipped card with one field replaced: a valid card whose id and version are safe
+    folder names, or one ConfigError line; never another exception."""
+    from generators.card import load_card
+    from generators.safe_paths import safe_join
+
+    document = copy.deepcopy(SHIPPED_CARD)
+    document[key] = value
+    path = scratch / "card.yaml"
+    path.write_bytes(dump(document))
+    try:
+        card = load_card(path)
+    except ConfigError as exc:
+        assert_one_line(str(exc))
+        event("config error")
+        return
+    target = safe_join(scratch / "registry", *card.id.split("/"), card.version)
+    assert (scratch / "registry").resolve() in target.parents
+    event("valid card")
+
+
 # --------------------------------------------------------------------------- CSV manifests
 @pytest.fixture(scope="module")
 def csv_project(tmp_path_factory: pytest.TempPathFactory) -> Path:

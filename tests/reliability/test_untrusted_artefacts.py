@@ -149,4 +149,11 @@ def test_cli_unknown_generator_id_and_broken_card_are_one_line_errors(tmp_path: 
     (registry / "card.yaml").write_text("id: broken\nversion: [1\n")  # YAML error: a multi-line message
     proc = cli(["generators", "show", "broken"], tmp_path, {"SYNTHMED_REGISTRY": str(registry.parent)})
     assert proc.returncode == 2
-    assert_one_line(proc.stderr, "error: ", "card.yaml: model card is not valid YAML", "fix the syntax")
+    # the broken card is skipped with one warning line naming it; the lookup then fails on one line
+    warning, error = proc.stderr.strip().splitlines()
+    assert_one_line(warning, "skipping broken card", "card.yaml: model card is not valid YAML", "fix the syntax")
+    assert_one_line(error, "error: no generator 'broken' in the registry")
+    proc = cli(["generators", "check", str(registry / "card.yaml")], tmp_path)
+    assert proc.returncode == 1  # the conformance report still names the broken card
+    card_line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("FAIL card"))
+    assert_one_line(card_line, "card.yaml: model card is not valid YAML", "fix the syntax")

@@ -19,7 +19,7 @@ from generators.shards import decode_png, read_manifest, read_table
 from tasks.config import PipelineConfig
 from tasks.ingest import allocate_groups, ingest
 from tasks.paths import PipelinePaths
-from tasks.pseudonym import KEY_ENV, pseudonymise
+from tasks.pseudonym import KEY_ENV, pseudonymise, pseudonymise_path
 
 PSEUDONYM = re.compile(r"^sub-[0-9a-f]{12}(-slab\d{3})?$")
 
@@ -59,6 +59,11 @@ def make_folder(root: Path, subjects_per_class: int = 6, images_per_subject: int
 
 def config(source: dict, **preprocess) -> PipelineConfig:
     return PipelineConfig.model_validate({"source": source, "generator": {"train": {}}, "preprocess": preprocess})
+
+
+def folder_uri(rel: str) -> str:
+    """How a folder source's ``class/.../file`` is written out: class kept, the rest hashed."""
+    return pseudonymise_path(rel, keep=1)
 
 
 def table_rows(paths: PipelinePaths) -> list[dict]:
@@ -142,7 +147,7 @@ def test_csv_with_masks_round_trips(tmp_path: Path) -> None:
         save_png(raw / "img" / f"{i}.png", unit)
         Image.fromarray(mask).save(raw / "img" / f"{i}_mask.png")
         rows.append([f"img/{i}.png", shape, f"P{i // 2}", f"img/{i}_mask.png"])
-        originals[f"img/{i}.png"] = (np.rint(unit * 255).astype(np.uint8), mask)
+        originals[pseudonymise_path(f"img/{i}.png")] = (np.rint(unit * 255).astype(np.uint8), mask)
     write_csv(raw / "list.csv", ["image", "label", "subject", "mask"], rows)
     paths = PipelinePaths(root=tmp_path, pipeline="t")
     summary = ingest(config({"kind": "csv", "path": "raw/list.csv"}, size=32), paths)
@@ -198,7 +203,7 @@ def test_rejects_are_recorded_and_the_rest_ingested(tmp_path: Path) -> None:
     assert rejects == sorted(rejects, key=lambda r: (r["file"], r["reason"]))
     assert summary["rejects"] == len(rejects) == 9
     reasons = {r["file"]: r["reason"] for r in rejects}
-    expected = {
+    expected_raw = {
         "corrupt.png": "corrupt",
         "truncated.png": "corrupt",
         "../outside.png": "escapes the dataset root",
@@ -209,10 +214,11 @@ def test_rejects_are_recorded_and_the_rest_ingested(tmp_path: Path) -> None:
         "good2.png": "duplicate",
         "missing.png": "not found",
     }
+    expected = {pseudonymise_path(file): word for file, word in expected_raw.items()}
     for file, word in expected.items():
         assert word in reasons[file], (file, reasons[file])
     assert all("\n" not in r["reason"] for r in rejects)
-    assert sorted(r["source"] for r in table_rows(paths)) == [f"good{i}.png" for i in range(6)]
+    assert sorted(r["source"] for r in table_rows(paths)) == sorted(pseudonymise_path(f"good{i}.png") for i in range(6))
 
 
 def test_zero_usable_images_is_a_data_error_with_rejects_written(tmp_path: Path) -> None:
@@ -221,7 +227,7 @@ def test_zero_usable_images_is_a_data_error_with_rejects_written(tmp_path: Path)
     paths = PipelinePaths(root=tmp_path, pipeline="t")
     with pytest.raises(DataError, match="no usable images"):
         ingest(config({"kind": "folder", "path": "raw"}), paths)
-    assert [r["file"] for r in json.loads(paths.rejects.read_text())] == ["disc/bad.png"]
+    assert [r["file"] for r in json.loads(paths.rejects.read_text())] == [folder_uri("disc/bad.png")]
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -239,8 +245,9 @@ def test_nifti_volume_slicing_and_foreground_filter(tmp_path: Path) -> None:
 
     assert summary["rows"] == 12 and summary["subjects"] == 2 and summary["groups"] == 6
     rows = table_rows(paths)
-    sources = sorted(r["source"] for r in rows if r["source"].startswith("brain/sub01"))
-    assert sources == [f"brain/sub01.nii.gz#slice={k:03d}" for k in range(2, 8)]
+    sub01 = folder_uri("brain/sub01.nii.gz")
+    sources = sorted(r["source"] for r in rows if r["source"].startswith(sub01))
+    assert sources == [f"{sub01}#slice={k:03d}" for k in range(2, 8)]
     assert all(PSEUDONYM.match(r["subject"]) and "-slab" in r["subject"] for r in rows)
     assert_no_subject_crosses(rows)
     assert {r["split"] for r in rows} == {"train", "val", "test"}
@@ -301,8 +308,9 @@ def test_dicom_identifiers_never_reach_outputs_or_logs(
     assert summary["rows"] == 6 + 3 and summary["subjects"] == 4 and summary["rejects"] == 1
     rows = table_rows(paths)
     assert {r["subject"] for r in rows} == {pseudonymise(p) for p in (*ids, "PAT-4")}
-    assert sorted(r["source"] for r in rows if r["source"].startswith("square/cine")) == [
-        f"square/cine#slice={k:03d}" for k in range(3)
+    cine = folder_uri("square/cine")
+    assert sorted(r["source"] for r in rows if r["source"].startswith(cine)) == [
+        f"{cine}#slice={k:03d}" for k in range(3)
     ]
     assert "DICOM" in json.loads(paths.rejects.read_text())[0]["reason"]
     blobs = [p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()]
@@ -376,3 +384,48 @@ def test_allocate_groups_keeps_every_split_when_possible() -> None:
     assert allocate_groups(3, fractions) == {"train": 1, "val": 1, "test": 1}
     assert allocate_groups(10, fractions) == {"train": 6, "val": 2, "test": 2}
     assert sum(allocate_groups(7, fractions).values()) == 7
+
+
+# --------------------------------------------------------------------------- listing
+def test_hidden_files_and_folders_are_listed_as_rejects_not_read(tmp_path: Path) -> None:
+    raw = make_folder(tmp_path / "raw", subjects_per_class=3, images_per_subject=1)
+    (raw / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (raw / "disc" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    save_png(raw / ".hidden" / "x.png", phantom("disc", 1))  # a hidden class folder
+    save_png(raw / "square" / ".trash" / "y.png", phantom("square", 2))  # a hidden sub-folder
+    save_png(raw / "square" / ".z.png", phantom("square", 3))
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    summary = ingest(config({"kind": "folder", "path": "raw"}, size=16), paths)
+
+    assert summary["rows"] == 6 and summary["rejects"] == 5
+    reasons = {r["file"]: r["reason"] for r in json.loads(paths.rejects.read_text())}
+    expected = {
+        pseudonymise_path(".DS_Store"): "hidden file",
+        ".hidden/": "hidden folder",
+        folder_uri("disc/.DS_Store"): "hidden file",
+        folder_uri("square/.trash") + "/": "hidden folder",  # one entry for the folder, not one per file
+        folder_uri("square/.z.png"): "hidden file",
+    }
+    assert set(reasons) == set(expected)
+    for file, what in expected.items():
+        assert reasons[file].startswith(f"{what} (name starts with '.'), skipped"), reasons[file]
+    assert read_manifest(paths.real)["provenance"]["counts"]["rejects"] == 5
+
+
+def test_a_class_with_one_subject_warns_and_is_noted_in_the_manifest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = make_folder(tmp_path / "raw", subjects_per_class=5, images_per_subject=1)
+    save_png(raw / "rare" / "only.png", phantom("disc", 7))
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    caplog.set_level(logging.WARNING)
+    summary = ingest(config({"kind": "folder", "path": "raw"}, size=16), paths)
+
+    assert summary["class_counts"]["train"]["rare"] == 1 and "rare" not in summary["class_counts"].get("test", {})
+    notes = read_manifest(paths.real)["provenance"]["notes"]
+    assert notes == [
+        "class 'rare' has 1 split group(s) (subjects or slabs) and no rows in val, test; "
+        "add subjects of this class or set preprocess.split.slab_slices"
+    ]
+    assert [r.getMessage() for r in caplog.records if "class 'rare'" in r.getMessage()] == notes  # one line
+    assert not any("class 'disc'" in r.getMessage() or "class 'square'" in r.getMessage() for r in caplog.records)

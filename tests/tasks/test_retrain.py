@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +14,31 @@ import pytest
 from generators.errors import DataError
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
-from tasks.retrain import allocate, decide, retrain, t_critical_95, t_interval
+from tasks.retrain import retrain
+from tasks.retrain_data import allocate
+from tasks.statistics import (
+    NOT_TESTED_NO_SYNTHETIC,
+    NOT_TESTED_TOO_LITTLE_DATA,
+    VERDICT_RULE,
+    decide,
+    t_critical_95,
+    t_interval,
+)
 from tests.tasks.phantoms import write_real, write_synthetic
 
 VERDICTS = {"helped", "no measurable effect", "hurt"}
 
 
-def make_config(**retrain: object) -> PipelineConfig:
+def make_config(preflight: dict | None = None, **retrain: object) -> PipelineConfig:
     spec = {"steps": 12, "batch_size": 16, "lr": 3e-3, "seeds": [0, 1], "synthetic_ratio": 0.5, **retrain}
     return PipelineConfig.model_validate(
-        {"source": {"kind": "folder", "path": "x"}, "generator": {"train": {}}, "threads": 1, "retrain": spec}
+        {
+            "source": {"kind": "folder", "path": "x"},
+            "generator": {"train": {}},
+            "threads": 1,
+            "retrain": spec,
+            "preflight": preflight or {},
+        }
     )
 
 
@@ -66,6 +83,18 @@ def test_classification_writes_both_settings_and_is_deterministic(paths: Pipelin
         abs=2e-6,
     )
     assert delta["bootstrap_ci95_low"] <= delta["bootstrap_ci95_high"]
+    # power: the half-width of the wider of the two intervals, under the one written rule
+    assert summary["verdict_rule"] == VERDICT_RULE
+    halves = {
+        "seeds": (delta["ci95_high"] - delta["ci95_low"]) / 2,
+        "test images": (delta["bootstrap_ci95_high"] - delta["bootstrap_ci95_low"]) / 2,
+    }
+    power = summary["power"]
+    assert power["interval_governing"] == max(halves, key=halves.get)
+    assert power["mde"] == pytest.approx(max(halves.values()), abs=2e-6)
+    assert (power["metric"], power["n_test"], power["n_seeds"]) == ("balanced_accuracy", 18, 2)
+    assert "(18 test images, 2 seeds)" in power["statement"] and f"{power['mde']:.3f}" in power["statement"]
+    assert power["statement"].startswith(summary["verdict"])
 
     rows = list(csv.DictReader((paths.metrics / "retrain_seeds.csv").open()))
     assert [(r["seed"], r["setting"]) for r in rows] == [
@@ -97,23 +126,26 @@ def test_missing_test_split_is_an_error(tmp_path: Path) -> None:
     paths = PipelinePaths(root=tmp_path, pipeline="t")
     write_real(paths.real, {"train": 4, "val": 2})
     write_synthetic(paths.filtered, per_class=2, blank=0, saturated=0, corrupt=0, mislabelled=0)
-    with pytest.raises(DataError, match="non-empty 'test' split"):
+    with pytest.raises(DataError, match="0 test images"):  # the preflight, before any training
         retrain(make_config(), paths)
+    with pytest.raises(DataError, match="non-empty 'test' split"):  # opted in: the stage's own check
+        retrain(make_config(preflight={"allow_too_little_data": True}), paths)
 
 
 def test_segmentation_needs_synthetic_masks(tmp_path: Path) -> None:
     paths = PipelinePaths(root=tmp_path, pipeline="t")
-    write_real(paths.real, {"train": 4, "test": 2})
+    write_real(paths.real, {"train": 4, "val": 1, "test": 2})
     write_synthetic(paths.filtered, per_class=2, blank=0, saturated=0, corrupt=0, mislabelled=0, masks=False)
     with pytest.raises(DataError, match="expected a mask on every synthetic row"):
         retrain(make_config(task="segmentation", network="unet"), paths)
 
 
 def test_statistics_helpers() -> None:
-    assert t_critical_95(2) == 4.303 and t_critical_95(35) == 2.042 and t_critical_95(1000) == 1.96
+    assert round(t_critical_95(2), 3) == 4.303 and round(t_critical_95(35), 3) == 2.03
+    assert round(t_critical_95(1000), 2) == 1.96
     stats = t_interval([1.0, 2.0, 3.0])
     assert stats["mean"] == 2.0
-    assert stats["ci95_low"] == pytest.approx(2.0 - 4.303 / np.sqrt(3))
+    assert stats["ci95_low"] == pytest.approx(2.0 - 4.303 / np.sqrt(3), abs=1e-3)
     assert t_interval([0.5])["ci95_low"] is None
     above = {"ci95_low": 0.01, "ci95_high": 0.2, "bootstrap_ci95_low": 0.02, "bootstrap_ci95_high": 0.1}
     assert decide(above, lower_is_better=False) == "helped"
@@ -179,3 +211,78 @@ def test_validation_score_for_segmentation_is_mean_foreground_dice() -> None:
     assert downstream.validation_score(Perfect(masks), (images, masks), task="segmentation") == pytest.approx(1.0)
     shifted = np.roll(masks, 2, axis=2)  # half the square overlaps: Dice 0.5
     assert downstream.validation_score(Perfect(shifted), (images, masks), task="segmentation") == pytest.approx(0.5)
+
+
+def test_every_sweep_condition_has_a_verdict_and_its_power(paths: PipelinePaths) -> None:
+    summary = retrain(make_config(seeds=[0], steps=4, ratios=[0, 1], real_fractions=[0.5]), paths)
+    conditions = [c for c in summary["ratio_sweep"]["conditions"] if c["ratio"] > 0]
+    conditions += summary["low_data"]["conditions"]
+    assert len(conditions) == 2
+    for condition in conditions:
+        assert condition["verdict"] in VERDICTS
+        d = condition["delta"]["balanced_accuracy"]
+        assert d["ci95_low"] is None  # one seed: the bootstrap alone governs
+        power = condition["power"]
+        assert power["interval_governing"] == "test images" and power["n_seeds"] == 1
+        assert power["mde"] == pytest.approx((d["bootstrap_ci95_high"] - d["bootstrap_ci95_low"]) / 2, abs=2e-6)
+        assert "one seed" in power["statement"]
+    baseline = summary["ratio_sweep"]["conditions"][0]
+    assert baseline["ratio"] == 0 and baseline["verdict"] is None and baseline["power"] is None
+
+
+def test_no_synthetic_image_in_the_retrain_is_not_tested(tmp_path: Path) -> None:
+    """The filter dropped every synthetic image: no comparison of real only with itself,
+    no augmented runs trained, every condition says "not tested"."""
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    write_real(paths.real, {"train": 8, "val": 2, "test": 6})
+    write_synthetic(paths.filtered, per_class=0, blank=0, saturated=0, corrupt=0, mislabelled=0)
+    summary = retrain(make_config(steps=4, ratios=[0, 1], real_fractions=[0.5]), paths)
+    assert summary["n_synthetic_used"] == 0
+    assert summary["verdict"] == NOT_TESTED_NO_SYNTHETIC
+    assert summary["power"]["mde"] is None and summary["power"]["statement"].startswith(NOT_TESTED_NO_SYNTHETIC)
+    assert summary["delta"]["balanced_accuracy"]["mean"] is None
+    assert summary["augmented"]["balanced_accuracy"]["mean"] is None
+    assert summary["real_only"]["balanced_accuracy"]["mean"] is not None
+    # 2 seeds x (main real only, fraction 0.5 real only); ratio 1 without rows is ratio 0 = main
+    assert summary["runs_trained"] == 4
+    ratio_one = summary["ratio_sweep"]["conditions"][1]
+    assert ratio_one["n_synthetic"] == 0 and ratio_one["verdict"] == NOT_TESTED_NO_SYNTHETIC
+    assert ratio_one["delta"] is None and ratio_one["power"]["mde"] is None
+    fraction = summary["low_data"]["conditions"][0]
+    assert fraction["verdict"] == NOT_TESTED_NO_SYNTHETIC and fraction["augmented"]["balanced_accuracy"]["mean"] is None
+    rows = list(csv.DictReader((paths.metrics / "retrain_seeds.csv").open()))
+    assert {r["setting"] for r in rows} == {"real_only"}
+    rows = list(csv.DictReader((paths.metrics / "retrain_fractions.csv").open()))
+    assert len(rows) == 2 and all(r["augmented_balanced_accuracy"] == "" for r in rows)
+
+
+def test_synthetic_ratio_zero_is_not_tested(paths: PipelinePaths) -> None:
+    summary = retrain(make_config(seeds=[0], steps=4, synthetic_ratio=0), paths)
+    assert summary["verdict"] == NOT_TESTED_NO_SYNTHETIC and summary["runs_trained"] == 1
+
+
+def test_failed_preflight_makes_every_verdict_not_tested(paths: PipelinePaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit test of the hook (its real counterpart: the next test)."""
+    problems = ["class 'disc' has 1 train image; need >= 4"]
+    fake = types.ModuleType("tasks.preflight")
+    fake.preflight = lambda cfg, paths: {"passed": False, "problems": problems, "counts": {}}
+    monkeypatch.setitem(sys.modules, "tasks.preflight", fake)
+    summary = retrain(make_config(seeds=[0], steps=4, real_fractions=[1.0]), paths)
+    assert summary["verdict"] == NOT_TESTED_TOO_LITTLE_DATA
+    assert summary["preflight"] == {"passed": False, "problems": problems}
+    assert summary["low_data"]["conditions"][0]["verdict"] == NOT_TESTED_TOO_LITTLE_DATA
+    assert summary["power"]["statement"].startswith(NOT_TESTED_TOO_LITTLE_DATA)
+    fake.preflight = lambda cfg, paths: {"passed": True, "problems": []}
+    assert retrain(make_config(seeds=[0], steps=4), paths)["verdict"] in VERDICTS
+
+
+def test_too_little_data_stops_or_with_the_opt_in_is_not_tested(tmp_path: Path) -> None:
+    paths = PipelinePaths(root=tmp_path, pipeline="t")
+    write_real(paths.real, {"train": 2, "val": 1, "test": 2})  # below the default 4 train per class
+    write_synthetic(paths.filtered, per_class=2, blank=0, saturated=0, corrupt=0, mislabelled=0)
+    with pytest.raises(DataError, match="too little data"):
+        retrain(make_config(seeds=[0], steps=4), paths)
+    summary = retrain(make_config(preflight={"allow_too_little_data": True}, seeds=[0], steps=4), paths)
+    assert summary["verdict"] == NOT_TESTED_TOO_LITTLE_DATA
+    assert summary["preflight"]["passed"] is False and summary["preflight"]["problems"]
+    assert summary["n_synthetic_used"] > 0  # the runs went on; only the verdict is withheld

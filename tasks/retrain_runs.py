@@ -1,0 +1,175 @@
+"""The retrain stage's training runs: what one run is (:class:`Run`), what every run reads
+(:class:`RunInputs`), training and testing one network (:func:`train_and_test`), and
+running many, deduplicated, in spawned worker processes (:func:`execute_runs`).
+
+Each run uses one torch thread on CPU; results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from generators.errors import SynthmedError
+from tasks import downstream
+from tasks.config import PipelineConfig
+from tasks.runtime import setup_torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: rows of the real train split and of the synthetic pool (sorted
+    index tuples), the seed and the optimizer steps. Equal runs give equal results."""
+
+    real: tuple[int, ...]
+    synthetic: tuple[int, ...]
+    seed: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What every run reads (sent once to each worker). Images float32 ``(N, C, H, W)`` in
+    [0, 1]; targets int64 ``(N,)`` class indices or ``(N, H, W)`` mask indices."""
+
+    cfg: PipelineConfig
+    classes: tuple[str, ...]
+    num_classes: int
+    device: str
+    train_images: np.ndarray
+    train_targets: np.ndarray
+    pool_images: np.ndarray
+    pool_targets: np.ndarray
+    test_images: np.ndarray
+    test_targets: np.ndarray
+    val_images: np.ndarray | None = None  # for model selection only (retrain.select_on_val)
+    val_targets: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """``scores``: ``{metric: float}`` on the real test split; ``output``: what the bootstrap
+    resamples (classification: predicted classes int64 ``(n_test,)``; segmentation:
+    ``{metric: float64 (n_test,)}`` per image); ``time_s``: wall time (logs only)."""
+
+    scores: dict[str, float]
+    output: Any
+    time_s: float
+
+
+def train_and_test(inputs: RunInputs, run: Run) -> RunResult:
+    """Train one network on ``run``'s rows with one torch thread (CPU) and score it on the test split."""
+    started = time.perf_counter()
+    spec = inputs.cfg.retrain
+    setup_torch(inputs.cfg, run.seed)
+    if inputs.device == "cpu":
+        torch.set_num_threads(1)
+    real = np.asarray(run.real, dtype=np.int64)
+    synthetic = np.asarray(run.synthetic, dtype=np.int64)
+    images = np.concatenate([inputs.train_images[real], inputs.pool_images[synthetic]])
+    targets = np.concatenate([inputs.train_targets[real], inputs.pool_targets[synthetic]])
+    model = downstream.build_network(spec.task, spec.network, images.shape[1], inputs.num_classes)
+    model = downstream.train_model(
+        model,
+        images,
+        targets,
+        task=spec.task,
+        steps=run.steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        seed=run.seed,
+        augment=spec.augment,
+        device=inputs.device,
+        val=None if inputs.val_images is None else (inputs.val_images, inputs.val_targets),
+        eval_every=spec.eval_every,
+    )
+    proba = downstream.predict_proba(model, inputs.test_images, batch_size=spec.batch_size, device=inputs.device)
+    if spec.task == "classification":
+        scores = downstream.evaluate_classification(inputs.test_targets, proba, list(inputs.classes))
+        output: Any = proba.argmax(axis=1)
+        scores = {m: scores[m] for m in downstream.CLASSIFICATION_METRICS}
+    else:
+        output = downstream.segmentation_scores(inputs.test_targets, proba.argmax(axis=1), inputs.num_classes)
+        scores = {m: float(v.mean()) for m, v in output.items()}
+    return RunResult(scores=scores, output=output, time_s=time.perf_counter() - started)
+
+
+_WORKER_INPUTS: RunInputs | None = None
+
+
+def _init_worker(inputs_file: str) -> None:
+    """Load the pickled :class:`RunInputs` this stage wrote for its own workers."""
+    global _WORKER_INPUTS
+    with open(inputs_file, "rb") as handle:
+        _WORKER_INPUTS = pickle.load(handle)  # noqa: S301 - written by this process a moment ago
+
+
+def _run_in_worker(run: Run) -> RunResult:
+    if _WORKER_INPUTS is None:
+        raise RuntimeError("retrain worker started without its inputs")
+    return train_and_test(_WORKER_INPUTS, run)
+
+
+def execute_runs(inputs: RunInputs, runs: Sequence[Run], workers: int) -> dict[Run, RunResult]:
+    """Every distinct run once: in this process when ``workers <= 1``, else in ``workers``
+    spawned processes (longest runs first). Results do not depend on ``workers``."""
+    batch = inputs.cfg.retrain.batch_size
+    queue = sorted(dict.fromkeys(runs), key=lambda r: -r.steps * min(batch, len(r.real) + len(r.synthetic)))
+    results: dict[Run, RunResult] = {}
+
+    def record(run: Run, result: RunResult) -> None:
+        results[run] = result
+        logger.info(
+            "run %d/%d: seed %d, %d real + %d synthetic, %d steps: %s (%.1f s)",
+            len(results),
+            len(queue),
+            run.seed,
+            len(run.real),
+            len(run.synthetic),
+            run.steps,
+            ", ".join(f"{m}={v:.4f}" for m, v in result.scores.items()),
+            result.time_s,
+        )
+
+    if workers <= 1 or len(queue) <= 1:
+        for run in queue:
+            record(run, train_and_test(inputs, run))
+        return results
+    # the arrays go through a file, not the spawn pipe: a worker that dies while starting
+    # then breaks the pool (an error) instead of leaving this process blocked on the pipe
+    with tempfile.TemporaryDirectory(prefix="synthmed-retrain-") as tmp:
+        inputs_file = Path(tmp) / "inputs.pkl"
+        with open(inputs_file, "wb") as handle:
+            pickle.dump(inputs, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(queue)),
+            mp_context=multiprocessing.get_context("spawn"),  # fork after torch started threads can hang
+            initializer=_init_worker,
+            initargs=(str(inputs_file),),
+        )
+        try:
+            futures = {pool.submit(_run_in_worker, run): run for run in queue}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BrokenProcessPool as exc:
+            raise SynthmedError(
+                f"a retrain worker process died ({exc}); expected it to finish: check memory, and that a "
+                "script calling the stage guards it with `if __name__ == '__main__':`, or set threads: 1 "
+                "to train in this process"
+            ) from exc
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return results
