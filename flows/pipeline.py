@@ -159,11 +159,13 @@ def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_pipeline(params.pipeline, params.config)  # fail fast with a readable config error
     summaries: dict[str, Any] = {}
-    rejected: QualityGateError | None = None  # the filter's gate refused the synthetic set
+    # the filter's gate refused the synthetic set: retrain and report still run, so the report
+    # shows what the rejected set would have done (and the power of that test) under a
+    # REJECTED verdict that governs; then the run fails with the gate's message
+    rejected: QualityGateError | None = None
     for verb in ORDER:
         if verb == "retrain" and rejected is not None:
-            logger.warning("retrain skipped: the quality gate rejected the synthetic set")
-            continue
+            logger.warning("the quality gate rejected the synthetic set; retrain runs for the report only")
         current = _outputs_current(verb, params.pipeline, str(params.config))
         try:
             summaries[verb] = stage.with_options(refresh_cache=not current)(

@@ -9,6 +9,15 @@ separable (a realism failure); below 0.5 is chance (the test has no skill there)
 Independence: the test trains its own network from scratch on real-vs-synthetic; it uses
 neither the label-consistency classifier nor the set-metrics extractor.
 
+What is tested (``tasks/filter.py``): the KEPT synthetic set, the images that would reach
+retraining, so the realism gate judges what is used. A class the filters dropped entirely
+is not tested (``n_synthetic`` 0, AUC None) and nothing of it is used; a kept set too small
+to test fails the gate as not computable (a rejection, never a pass). Measured on pipeline
+``control-noise`` (MNI152, 64 px): the label filter dropped 101 of 150 noise images (every
+``middle`` and ``superior`` one); the 49 kept ``inferior`` ones were told apart, AUC 1.00
+[1.00, 1.00], and the run was rejected with exit status 2. On ``control-real`` (held-out
+real val slices) the label filter kept 21 of 32 and the kept set passed (below).
+
 Sampling, per class (``""`` for unlabelled rows): ``n_c = min(real_c, synthetic_c,
 max_per_class)`` images are drawn from each side (seeded), so the two sides are balanced
 overall and within every class and the test cannot win by class frequencies alone. A class
@@ -16,19 +25,31 @@ with no image on one side is left out (``n_real = n_synthetic = 0``, AUC None).
 
 Folds: ``StratifiedGroupKFold`` (stratified by side; at most one fold per group). Real
 rows are grouped by ``subject`` (subject or slab), so slices of one subject never sit on
-both sides of a fold; synthetic rows likewise by ``synthetic_subjects`` (e.g. held-out real
-images standing in as synthetic, as correlated as real ones). A side with fewer than 2
-distinct subjects (a generator writes one ``subject`` for all its rows) is grouped row by
-row (``grouping`` / ``synthetic_grouping``: ``subject`` or ``row``). Grouping matters: the
-slices of one subject in the training folds teach the CNN that subject's look, so an
-ungrouped side is recognised more easily (demo held-out real slices standing in as
-synthetic: AUC 0.91 ungrouped vs 0.61 grouped).
+both sides of a fold; synthetic rows likewise by ``synthetic_subjects``, the synthetic
+dataset's ``subject`` column: ``generators.contract.SYNTHETIC_SUBJECT`` (or None) for an
+ordinary generator's independent samples, each then a group of its own; a group id for
+correlated samples (the ``real-holdout`` control writes each served real slice's
+``holdout-group-NNNN``, its slab in the real data). A real side with fewer than 2 distinct
+subjects is grouped row by row (``grouping`` / ``synthetic_grouping``: ``subject``, ``row``,
+or ``subject+row`` for a synthetic side of both kinds). Grouping matters: the slices of one
+subject in the training folds teach the CNN that subject's look, so an ungrouped side is
+recognised more easily (demo held-out real slices standing in as synthetic: AUC 0.91
+ungrouped vs 0.61 grouped; pipeline ``control-real``'s kept set, 21 slices of 4 slabs:
+0.92 [0.82, 1.00] ungrouped, rejected by classes inferior and superior at 1.00 [1.00, 1.00],
+vs 0.72 [0.42, 0.93] grouped).
 
 Interval: 95% percentile bootstrap (``bootstrap`` resamples, real and synthetic resampled
 separately, seeded), over the same groups as the folds (a cluster bootstrap: the slices of
 one subject are resampled together, so correlated slices do not narrow the interval). It
 covers the sampling of the scored images, not the variation between retrainings of the
 CNN. The AUC pools the out-of-fold scores of all folds (Mann-Whitney, ties count one half).
+With one group on a side (e.g. the held-out slices of a class all from one slab) every
+resample holds the same group, the interval collapses to a point and claims a certainty one
+independent sample cannot give: below :data:`MIN_GROUPS_PER_SIDE` groups on either side the
+AUC (overall or of the class) is None with a ``reason``, as for too few images (a class
+left so is not gated; an overall test left so fails the gate as not computable). Measured
+on ``control-real`` before this rule: class ``superior``, 5 kept held-out slices of one
+slab, AUC 1.00 "[1.00, 1.00]", which alone rejected the positive control.
 
 Deterministic for a seed on the same hardware, thread count and library versions.
 """
@@ -44,12 +65,16 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from generators.contract import SYNTHETIC_SUBJECT
 from generators.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 #: the smallest number of images per side the test runs on (below it: AUC None)
 MIN_PER_SIDE = 6
+#: the fewest independent groups (subjects/slabs, or rows) per side an AUC and its interval
+#: are reported for, overall or in a class (below it: AUC None with ``reason``)
+MIN_GROUPS_PER_SIDE = 2
 NETWORK = "monai-classifier(channels=8-16-32-64,strides=2,batchnorm)"
 
 
@@ -166,11 +191,20 @@ def _fold_ids(is_synthetic: np.ndarray, groups: list[str], folds: int, seed: int
 
 
 def _side_groups(side: str, subjects: Sequence[str | None] | None, rows: np.ndarray) -> tuple[list[str], str]:
-    """Group names of ``rows`` of one side and the grouping used: ``subject`` when the side
-    has >= 2 distinct subjects, else ``row`` (every row its own group; logged for real rows)."""
-    names = None if subjects is None else [subjects[i] for i in rows]
-    if names is not None and None not in names and len(set(names)) >= 2:
-        return [f"{side}:{name}" for name in names], "subject"
+    """Group names of ``rows`` of one side and the grouping used. Real side: ``subject``
+    when it has >= 2 distinct subjects and none is None, else ``row`` (every row its own
+    group; logged: a real dataset of one subject without slabs has nothing to group by).
+    Synthetic side: rows whose subject is ``SYNTHETIC_SUBJECT`` or None are independent
+    samples, each its own group (``row``); the others are grouped by subject (``subject``,
+    or ``subject+row`` when both kinds occur), even a single group (then no interval:
+    :data:`MIN_GROUPS_PER_SIDE`), since the generator said its rows are correlated."""
+    names = [None] * len(rows) if subjects is None else [subjects[i] for i in rows]
+    if side == "synthetic":
+        names = [None if name == SYNTHETIC_SUBJECT else name for name in names]
+    named = {name for name in names if name is not None}
+    if (side == "synthetic" and named) or (len(named) >= 2 and None not in names):
+        groups = [f"{side}-row:{i}" if name is None else f"{side}:{name}" for i, name in zip(rows, names, strict=True)]
+        return groups, "subject" if None not in names else "subject+row"
     if side == "real" and len(rows):
         logger.warning("two-sample test: fewer than 2 real subjects; slices of one subject may sit on both sides")
     return [f"{side}-row:{i}" for i in rows], "row"
@@ -215,7 +249,14 @@ def _train_and_score(
 
 
 def _empty(n_real: int, n_synthetic: int) -> dict[str, Any]:
-    return {"auc": None, "ci95_low": None, "ci95_high": None, "n_real": n_real, "n_synthetic": n_synthetic}
+    return {
+        "auc": None,
+        "ci95_low": None,
+        "ci95_high": None,
+        "n_real": n_real,
+        "n_synthetic": n_synthetic,
+        "reason": None,
+    }
 
 
 def two_sample_test(
@@ -234,11 +275,14 @@ def two_sample_test(
 
     real_images / synthetic_images: float32 ``(N, C, H, W)`` in [0, 1] of one shape;
     labels: class names (``""`` unlabelled); real_subjects: pseudonymised subject (or slab)
-    of each real row, for grouping (None = ungrouped). Returns ``{"auc", "ci95_low",
-    "ci95_high", "n_real", "n_synthetic", "folds", "grouping", "network", "epochs",
+    of each real row, for grouping (None = ungrouped); synthetic_subjects: the synthetic
+    rows' ``subject`` column (group ids; ``SYNTHETIC_SUBJECT`` or None = independent row;
+    see the module docstring). Returns ``{"auc", "ci95_low",
+    "ci95_high", "n_real", "n_synthetic", "folds", "grouping", "synthetic_grouping", "network", "epochs",
     "bootstrap", "reason", "per_class": {label: {"auc", "ci95_low", "ci95_high", "n_real",
-    "n_synthetic"}}}``; AUCs are None (with ``reason``) when fewer than MIN_PER_SIDE
-    images per side are available."""
+    "n_synthetic", "reason"}}}``; AUCs are None (with ``reason``) when fewer than MIN_PER_SIDE
+    images per side are available, or (overall or per class) fewer than MIN_GROUPS_PER_SIDE
+    groups on a side."""
     if real_images.shape[1:] != synthetic_images.shape[1:] and len(synthetic_images):
         raise DataError(
             f"two-sample test: expected synthetic images of the real shape {tuple(real_images.shape[1:])}, "
@@ -293,7 +337,13 @@ def two_sample_test(
 
     groups = np.asarray(groups, dtype=object)
 
-    def interval(on_real: np.ndarray, on_synthetic: np.ndarray) -> dict[str, float]:
+    def interval(on_real: np.ndarray, on_synthetic: np.ndarray) -> dict[str, Any]:
+        n_groups = len(set(groups[on_real].tolist())), len(set(groups[on_synthetic].tolist()))
+        if min(n_groups) < MIN_GROUPS_PER_SIDE:
+            return {
+                "reason": f"too few independent groups: {n_groups[0]} real and {n_groups[1]} synthetic "
+                f"(subjects or slabs); need >= {MIN_GROUPS_PER_SIDE} per side for an interval"
+            }
         return auc_with_interval(
             scores[on_real],
             scores[on_synthetic],
@@ -312,6 +362,9 @@ def two_sample_test(
         if on_real.any() and on_synthetic.any():
             entry.update(interval(on_real, on_synthetic))
         result["per_class"][name] = entry
+    if result["auc"] is None:
+        logger.warning("two-sample test without an AUC: %s", result["reason"])
+        return result
     logger.info(
         "two-sample test (%d real vs %d synthetic, %d folds): AUC %.3f [%.3f, %.3f] (0.5 = indistinguishable)",
         n,

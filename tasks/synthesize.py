@@ -35,8 +35,8 @@ import pyarrow as pa
 import torch
 
 from generators.compiled import compile_generator, should_compile
-from generators.contract import GeneratedBatch, Generator
-from generators.errors import ConfigError, DataError
+from generators.contract import SYNTHETIC_SUBJECT, GeneratedBatch, Generator
+from generators.errors import ConfigError, DataError, GeneratorError
 from generators.registry import load_generator
 from generators.shards import (
     DatasetWriter,
@@ -120,13 +120,23 @@ def generate_batches(generator: Generator, plan: ShardPlan, batch_size: int) -> 
 
 
 def encode_batch(item: ShardBatch, source: str, seed: int, dtype: str) -> list[dict[str, Any]]:
-    """Quantise a generated batch (float32 in [0, 1]) to ``dtype`` and encode its rows."""
+    """Quantise a generated batch (float32 in [0, 1]) to ``dtype`` and encode its rows.
+
+    ``subject`` column: the generator's group of each sample (``GeneratedBatch.subjects``,
+    e.g. the slab of a held-out real slice served by the ``real-holdout`` control), else
+    ``SYNTHETIC_SUBJECT`` (independent samples); the two-sample test groups by it."""
     images = from_unit_float(item.batch.images, dtype)
     masks = None if item.batch.masks is None else item.batch.masks.astype("uint8")
+    subjects = item.batch.subjects or [SYNTHETIC_SUBJECT] * len(item.ids)
+    if len(subjects) != len(item.ids):
+        raise GeneratorError(
+            f"{source}: expected one subject per generated sample ({len(item.ids)}), got {len(subjects)}; "
+            "fix the generator's GeneratedBatch.subjects"
+        )
     return [
         Row(
             id=row_id,
-            subject="synthetic",
+            subject=subjects[i],
             split="train",
             label=item.labels[i],
             image=images[i],

@@ -22,7 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from generators import registry
-from generators.architectures.controls import HOLDOUT_SPLIT
+from generators.architectures.cgan import NETWORK_DESCRIPTIONS as CGAN_NETWORKS
+from generators.architectures.cgan import network_kwargs
+from generators.architectures.controls import HOLDOUT_SPLIT, add_holdout_groups
 from generators.card import Conditioning, ModelCard, TrainingInfo, Weights, save_card
 from generators.errors import DataError, GeneratorError
 from generators.shards import dataset_digest, decode_table, read_manifest, read_table, replace_dir, write_json_atomic
@@ -105,18 +107,11 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
         id=f"synthmed/{paths.pipeline}-cgan",
         version="1.0.0",
         name=f"{paths.pipeline} class-conditional GAN",
-        description="Class-conditional GAN (MONAI Generator/Discriminator, hinge loss, EMA generator) "
+        description=f"Class-conditional GAN ({CGAN_NETWORKS[result.config.style]}, hinge loss, EMA generator) "
         f"trained by synthmed pipeline '{paths.pipeline}'.",
         changelog={"1.0.0": "trained by the pipeline"},
         architecture="cgan",
-        network={
-            "image_size": result.config.image_size,
-            "channels": result.config.channels,
-            "n_labels": result.config.n_labels,
-            "latent_dim": result.config.latent_dim,
-            "base_channels": result.config.base_channels,
-            "mask_classes": result.config.mask_classes,
-        },
+        network=network_kwargs(result.config),
         modality=str(manifest["provenance"].get("modality", "unknown")),
         anatomy=str(manifest["provenance"].get("anatomy", "unknown")),
         image_size=(size, size),
@@ -223,6 +218,9 @@ def _train_architecture(
             log.info("epoch %d/%d  %s", epoch, spec.epochs, losses)
 
     result = train_generator(spec, data, device=device, checkpoint=checkpoint, on_epoch=progress)
+    if arch == "real-holdout":  # each served real slice keeps its slab/subject group (tasks/realism.py)
+        subjects = read_table(paths.real, columns=["subject"], splits=[HOLDOUT_SPLIT]).column("subject").to_pylist()
+        result = add_holdout_groups(result, subjects)
     sha = save_weights(result.state, staging / "weights.safetensors")
     size = data.images.shape[-1]
     licence = str(manifest["provenance"].get("licence", "see source"))

@@ -63,8 +63,12 @@ class CganConfig:
             raise GeneratorError(f"cgan needs an image size divisible by 8 and >= 16, got {self.image_size}")
 
 
-#: network styles of the pair (see the module docstring)
-STYLES = ("mednist", "upsample")
+#: network styles of the pair (see the module docstring), as a card's description names them
+NETWORK_DESCRIPTIONS = {
+    "mednist": "MONAI Generator/Discriminator",
+    "upsample": "resize-convolution generator, spectral-norm projection discriminator",
+}
+STYLES = tuple(NETWORK_DESCRIPTIONS)
 
 
 class UpsampleGenerator(nn.Module):

@@ -19,7 +19,7 @@ generated ones. Design (the simplest honest one): the train stage hands this arc
 the real split named by :data:`HOLDOUT_SPLIT` (``val``) instead of ``train``; its images,
 labels and masks are stored in the sha256-verified weights file (``holdout.images`` float32
 ``(P, C, H, W)`` in [0, 1], ``holdout.labels`` int64 ``(P,)``, ``holdout.masks`` uint8
-``(P, H, W)`` when paired). So:
+``(P, H, W)`` when paired, ``holdout.groups`` int64 ``(P,)``: see below). So:
 
 - it never serves a real TRAIN image, which the realism and memorisation checks compare
   against (that would be memorisation, not realism), and never a real TEST image, on which
@@ -32,14 +32,23 @@ labels and masks are stored in the sha256-verified weights file (``holdout.image
   starts a new permutation, so repeats appear only then). Calls are independent (the
   contract is stateless), so for a repeat-free set request at most the holdout's class
   counts in one batch (``synthesis.batch_size`` and ``shard_rows`` >= the total).
+- served images are correlated like real ones (neighbouring slices of one slab), so each
+  carries its group: ``holdout.groups`` (written by :func:`add_holdout_groups` from the
+  train stage) is the index of each held-out row's split group (subject or slab) among the
+  holdout's distinct groups, and ``generate`` returns ``subjects`` = ``holdout-group-NNNN``
+  per image. ``tasks/synthesize.py`` writes them into the ``subject`` column and the
+  two-sample test (``tasks/realism.py``) keeps each group in one fold; ungrouped, the
+  neighbours of a test slice teach the CNN its look and the positive control is told apart
+  too easily. Weights without ``holdout.groups`` serve ``subjects`` None (independent rows).
 
 The weights file of ``real-holdout`` holds real pixel data (no ids, subjects, paths or
-tags): it is a local control, not a model to share.
+tags; the group indices only say which images share a subject or slab): it is a local
+control, not a model to share.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,6 +69,7 @@ NOISE_ARCHITECTURES = ("noise", "blobs")
 BLOB_GRID_DIVISOR = 8  # coarse grid = image size / 8 (at least 2x2), upsampled bilinearly
 STATS_PREFIX = "stats."
 HOLDOUT_PREFIX = "holdout."
+HOLDOUT_GROUP = "holdout-group-{:04d}"  # the subject written for a served image of group k
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,24 @@ def train_real_holdout(
     return _trained("real-holdout", state, cfg, data)
 
 
+def add_holdout_groups(trained: TrainedGenerator, subjects: Sequence[str]) -> TrainedGenerator:
+    """``trained`` (a ``real-holdout`` result) with ``holdout.groups`` int64 ``(P,)``: for each
+    held-out image, the index of its ``subjects`` entry (the real rows' pseudonymous subject
+    or slab, in the stored order) among the sorted distinct entries. The pseudonyms
+    themselves are not stored."""
+    if trained.architecture != "real-holdout":
+        raise GeneratorError(f"holdout groups belong to the 'real-holdout' control, not '{trained.architecture}'")
+    n = len(trained.state[HOLDOUT_PREFIX + "labels"])
+    if len(subjects) != n or any(not s for s in subjects):
+        raise DataError(
+            f"real-holdout: expected a subject for each of the {n} held-out images, got {len(subjects)} "
+            f"({sum(not s for s in subjects)} empty); re-ingest the real data"
+        )
+    index = {name: k for k, name in enumerate(sorted(set(subjects)))}
+    groups = np.asarray([index[s] for s in subjects], dtype=np.int64)
+    return replace(trained, state={**trained.state, HOLDOUT_PREFIX + "groups": torch.from_numpy(groups)})
+
+
 def draw_without_replacement(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` entries of ``pool``: a seeded permutation, then further permutations once
     it is used up (so no entry repeats before every entry was drawn)."""
@@ -244,12 +272,17 @@ class HoldoutModel:
             raise GeneratorError(f"{card.ref}: weights lack {missing}; retrain the control") from None
         masks = state_dict.get(HOLDOUT_PREFIX + "masks")
         self.masks = None if masks is None else masks.numpy().astype(np.int64)
+        groups = state_dict.get(HOLDOUT_PREFIX + "groups")
+        self.groups = None if groups is None else groups.numpy().astype(np.int64)
+        if self.groups is not None and len(self.groups) != len(self.labels):
+            raise GeneratorError(f"{card.ref}: expected one holdout group per image, got {len(self.groups)}; retrain")
         if bool(self.cfg.mask_classes) != (self.masks is not None):
             raise GeneratorError(f"{card.ref}: the card's mask_classes and the stored masks disagree; retrain")
 
     def generate(self, n: int, seed: int, condition: Sequence[str] | str | None = None) -> GeneratedBatch:
         """``n`` held-out real images, float32 (N, C, H, W) in [0, 1] (and their masks, int64
-        (N, H, W)); per class without replacement while possible. Same seed -> same output."""
+        (N, H, W)); per class without replacement while possible; ``subjects``: each image's
+        ``holdout-group-NNNN`` (None without stored groups). Same seed -> same output."""
         index = np.asarray(label_indices(self.card, n, condition), dtype=np.int64)
         rng = np.random.default_rng(int(seed))
         picks = np.zeros(n, np.int64)
@@ -266,4 +299,5 @@ class HoldoutModel:
             images=self.images[picks].copy(),
             masks=None if self.masks is None else self.masks[picks].copy(),
             labels=[self.card.conditioning.labels[i] for i in index],
+            subjects=None if self.groups is None else [HOLDOUT_GROUP.format(g) for g in self.groups[picks]],
         )

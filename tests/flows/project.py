@@ -25,10 +25,13 @@ TINY = {
     "preprocess": {"size": 16, "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
     "generator": {"train": {"epochs": 3, "batch_size": 16, "latent_dim": 8, "base_channels": 8, "checkpoint_every": 1}},
     "synthesis": {"count_per_class": 6, "shard_rows": 8, "batch_size": 8},
-    # a 3-epoch toy GAN is told apart from real images: no realism bound here (the gate is
-    # proven on controls in tests/tasks/test_filter.py); the two-sample test still runs
+    # a 3-epoch toy GAN is told apart from real images: no realism bound here (plumbing test;
+    # the realism gate is proven in tests/tasks/test_realism.py and test_filter.py). The
+    # two-sample test and the self-supervised extractor still run, on a small budget.
     "quality": {
         "label_consistency": {"enabled": True, "min_confidence": 0.0, "epochs": 1},
+        "metrics": {"self_supervised_steps": 10},
+        "realism": {"folds": 2, "epochs": 2, "bootstrap": 100},
         "gate": {"max_two_sample_auc": None},
     },
     "retrain": {"steps": 4, "batch_size": 8, "seeds": [0, 1]},

@@ -59,10 +59,14 @@ def test_flow_runs_every_stage_then_caches_and_dvc_agrees(prefect_harness, tmp_p
         keys = {a.key for a in client.read_artifacts()}
     assert {"tiny-metrics", "tiny-grids", "tiny-report", "tiny-versions"} <= keys
 
-    # unchanged rerun: every stage is served from Prefect's cache
+    # unchanged rerun: every stage is served from Prefect's cache; the preflight (seconds,
+    # cache_policy=NO_CACHE in flows/pipeline.py) checks the data again on every run
     second = augment(params, return_state=True)
     assert second.is_completed()
-    assert set(_task_states(second).values()) == {"Cached"}
+    states = _task_states(second)
+    assert states.pop("preflight") == "Completed"
+    assert set(states) == {"ingest", "train", "synthesize", "filter", "retrain", "report"}
+    assert set(states.values()) == {"Cached"}, states
 
     # a changed parameter reruns that stage and the ones after it only
     data = yaml.safe_load(config.read_text())

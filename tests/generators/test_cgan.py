@@ -119,3 +119,42 @@ def test_training_data_rejects_bad_shapes():
         TrainingData(np.zeros((2, 1, 8, 16), np.float32), np.zeros(2, np.int64), ("a",))
     with pytest.raises(DataError, match="one label per image"):
         TrainingData(np.zeros((2, 1, 8, 8), np.float32), np.zeros(3, np.int64), ("a",))
+
+
+def test_upsample_style_trains_loads_from_its_card_and_exports_as_torchscript(tmp_path):
+    """The 'upsample' style: masks included, its card's network records the style (so the
+    weights load into the same network), resume is exact, and export takes TorchScript
+    (it is not a MONAI network) with output equal to ``generate``."""
+    from generators.architectures.cgan import network_kwargs
+    from generators.torchscript import export_torchscript
+
+    data = _data(masks=True)
+    spec = TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=4, with_masks=True, cgan_style="upsample")
+    result = train_cgan(data, spec)
+    assert result.config.style == "upsample" and network_kwargs(result.config)["style"] == "upsample"
+    assert "style" not in network_kwargs(CganConfig(image_size=16, channels=1, n_labels=2))  # old cards unchanged
+    cfg = CganConfig(**network_kwargs(result.config))
+    card = _card(cfg, ("disc", "square"))
+    model = CganModel(card, result.generator)
+    batch = model.generate(4, seed=0)
+    assert batch.images.shape == (4, 1, 16, 16) and batch.masks.shape == (4, 16, 16)
+    assert batch.images.min() >= 0.0 and batch.images.max() <= 1.0
+    with pytest.raises(GeneratorError, match="weights"):  # the same weights do not fit the other style
+        CganModel(
+            _card(CganConfig(**{**network_kwargs(result.config), "style": "mednist"}), ("disc", "square")),
+            result.generator,
+        )
+    out = export_torchscript(model, tmp_path / "ts")
+    scripted = torch.jit.load(str(out))
+    from generators.architectures.cgan import latent
+
+    z = latent(4, cfg.latent_dim, 0)
+    images = scripted(z, torch.arange(4) % 2)[:, :1]
+    np.testing.assert_allclose(images.detach().numpy(), batch.images, atol=1e-5)
+
+
+def test_upsample_style_refuses_a_size_not_divisible_by_16():
+    with pytest.raises(GeneratorError, match="divisible by 16"):
+        CganConfig(image_size=24, channels=1, n_labels=2, style="upsample")
+    with pytest.raises(GeneratorError, match="style"):
+        CganConfig(image_size=16, channels=1, n_labels=2, style="fancy")

@@ -6,6 +6,7 @@ the generator contract (shape, dtype, range, labels, masks, determinism, conform
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,16 @@ from generators.card import Conditioning, ModelCard, Weights, load_card, save_ca
 from generators.conformance import check_conformance
 from generators.errors import GeneratorError
 from generators.registry import load_generator
-from generators.shards import decode_table, read_table
+from generators.shards import Row, decode_png, decode_table, read_table, write_dataset
 from generators.train_spec import TrainSpec
 from generators.training import TrainedGenerator, TrainingData, train_generator
 from generators.weights import save_weights
+from tasks import realism
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
+from tasks.synthesize import synthesize
 from tasks.train import train
-from tests.tasks.phantoms import write_real
+from tests.tasks.phantoms import CLASSES, draw_phantom, write_real
 
 SIZE = 16
 LABELS = ("dark", "bright")
@@ -172,3 +175,76 @@ def test_real_holdout_refuses_val_based_model_selection_and_unknown_classes(tmp_
     model = LOADERS["real-holdout"](load_card(card_path), tmp_path / "weights.safetensors", "cpu")
     with pytest.raises(GeneratorError, match="has no image of class 'bright'"):
         model.generate(2, seed=0, condition="bright")
+
+
+def _write_slabs(target: Path, slabs: dict[str, int], per_slab: int = 3, size: int = 16) -> None:
+    """A real dataset whose rows come in slabs (``per_slab`` correlated slices share one
+    ``subject``, as ingest writes ``<subject>-slabNNN``): ``slabs[split]`` slabs per class."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, n in slabs.items():
+        for label in CLASSES:
+            for i in range(n * per_slab):
+                image, _ = draw_phantom(label, rng, size)
+                rows.append(
+                    Row(
+                        id=f"{split}-{label}-{i:03d}",
+                        subject=f"vol-{split}-{label}-slab{i // per_slab:03d}",
+                        split=split,
+                        label=label,
+                        image=image,
+                        source=f"file://phantoms/{label}/{i}.png",
+                    ).to_record()
+                )
+    write_dataset(target, sorted(rows, key=lambda r: r["id"]), shard_rows=16)
+
+
+def test_real_holdout_rows_carry_their_slab_into_the_synthetic_set_and_the_two_sample_test(tmp_path: Path) -> None:
+    """Held-out real slices come in slabs; served as "synthetic" data they must keep that
+    grouping (``subject`` column), and the two-sample test must keep each slab in one fold,
+    while an ordinary generator's rows (``subject`` "synthetic") stay independent rows."""
+    paths = PipelinePaths(root=tmp_path, pipeline="control-real")
+    _write_slabs(paths.real, {"train": 2, "val": 2, "test": 1})
+    cfg = PipelineConfig.model_validate(
+        {
+            "source": {"kind": "folder", "path": "x"},
+            "threads": 1,
+            "generator": {"train": {"architecture": "real-holdout"}},
+            "synthesis": {"count_per_class": 6, "shard_rows": 64, "batch_size": 64},
+            "retrain": {"select_on_val": False},
+        }
+    )
+    train(cfg, paths)
+    synthesize(cfg, paths)
+
+    synthetic = read_table(paths.synthetic)
+    val = read_table(paths.real, splits=[HOLDOUT_SPLIT])
+    val_slab = {
+        decode_png(b).tobytes(): s for b, s in zip(val["image"].to_pylist(), val["subject"].to_pylist(), strict=True)
+    }
+    served = [val_slab[decode_png(b).tobytes()] for b in synthetic["image"].to_pylist()]  # a val image each
+    groups = synthetic["subject"].to_pylist()
+    assert sorted(served) == sorted(val["subject"].to_pylist())  # every val slice served once
+    assert all(re.fullmatch(r"holdout-group-\d{4}", g) for g in groups)  # no pseudonym copied
+    assert (
+        len(set(zip(served, groups, strict=True))) == len(set(served)) == len(set(groups)) == 6
+    )  # slab <-> group, 1:1
+
+    real = read_table(paths.real, splits=["train"])
+    real_images = np.stack([decode_png(b) for b in real["image"].to_pylist()]).astype(np.float32) / 255
+    synthetic_images = np.stack([decode_png(b) for b in synthetic["image"].to_pylist()]).astype(np.float32) / 255
+    settings = realism.TwoSampleSettings(folds=3, epochs=1, batch_size=8, bootstrap=20)
+    args = (real_images, real["label"].to_pylist(), real["subject"].to_pylist(), synthetic_images)
+    test = realism.two_sample_test(*args, synthetic["label"].to_pylist(), settings, seed=0, synthetic_subjects=groups)
+    assert (test["grouping"], test["synthetic_grouping"], test["n_synthetic"]) == ("subject", "subject", 18)
+    fresh = ["synthetic"] * 18  # what an ordinary generator writes: independent rows
+    assert realism._side_groups("synthetic", fresh, np.arange(18))[1] == "row"
+
+    rows = np.arange(18)
+    synthetic_groups, how = realism._side_groups("synthetic", groups, rows)
+    real_groups, _ = realism._side_groups("real", real["subject"].to_pylist(), rows)
+    assert how == "subject" and len(set(synthetic_groups)) == 6
+    fold, folds = realism._fold_ids(np.r_[np.zeros(18, bool), np.ones(18, bool)], real_groups + synthetic_groups, 3, 0)
+    assert folds == 3
+    for slab in set(groups):  # every served slab sits in one fold
+        assert len({int(fold[18 + i]) for i in rows if groups[i] == slab}) == 1

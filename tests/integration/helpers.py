@@ -19,8 +19,15 @@ from tests.flows.project import env as base_env
 FAST = {
     "generator": {"train": {"epochs": 1, "batch_size": 16, "latent_dim": 8, "base_channels": 8}},
     "synthesis": {"count_per_class": 6, "shard_rows": 6, "batch_size": 6},
-    # a 1-epoch toy GAN: no realism bound (proven on controls in tests/tasks/test_filter.py)
-    "quality": {"label_consistency": {"enabled": False}, "gate": {"max_two_sample_auc": None}},
+    # a 1-epoch toy GAN: no realism bound (plumbing test; the realism gate is proven in
+    # tests/tasks/test_realism.py and test_filter.py); the two-sample test and the
+    # self-supervised extractor still run, on a small budget
+    "quality": {
+        "label_consistency": {"enabled": False},
+        "metrics": {"self_supervised_steps": 10},
+        "realism": {"folds": 2, "epochs": 2, "bootstrap": 100},
+        "gate": {"max_two_sample_auc": None},
+    },
     "retrain": {"steps": 2, "batch_size": 8, "seeds": [0], "network": "resnet"},
     "report": {"grid_per_class": 2},
 }

@@ -262,6 +262,9 @@ def stage_config(**quality: object) -> PipelineConfig:
             "quality": {
                 "label_consistency": {"enabled": False},
                 "metrics": {"extractor": "random", "kid_subsets": 10, "ms_ssim_pairs": 30},
+                # the two-sample test runs (its gate is on by default), on a small budget: it is
+                # proven in tests/tasks/test_realism.py and test_filter.py
+                "realism": {"folds": 2, "epochs": 3, "bootstrap": 100},
                 **quality,
             },
         }
@@ -351,7 +354,8 @@ def test_gate_fails_after_writing_and_real_features_are_cached(planted, monkeypa
 
     markdown = quality_markdown(quality)
     assert "**random-init-densenet(seed=0)**" in markdown and "normalisation **zscore**" in markdown
-    assert "| **overall** |" in markdown and "**FAILED**" in markdown and "| fid |" in markdown
+    assert "| **overall** |" in markdown and "| fid |" in markdown
+    assert "**FAILED: the synthetic set is REJECTED** (realism checks: passed)" in markdown
     assert "dropped (memorised)" in markdown and "2 of 5 scales fit" in markdown
 
 

@@ -98,6 +98,57 @@ def test_folds_keep_every_subject_on_one_side_and_fall_back_to_rows() -> None:
     assert realism._side_groups("real", ["one"] * 30, np.arange(30))[1] == "row"
 
 
+def test_synthetic_rows_group_by_their_subject_unless_it_is_the_generic_one() -> None:
+    subjects = ["synthetic", "holdout-group-0001", "holdout-group-0001", "holdout-group-0002", None]
+    groups, how = realism._side_groups("synthetic", subjects, np.arange(5))
+    assert how == "subject+row"
+    assert groups == ["synthetic-row:0", "synthetic:holdout-group-0001", "synthetic:holdout-group-0001"] + [
+        "synthetic:holdout-group-0002",
+        "synthetic-row:4",
+    ]
+    one_group = ["holdout-group-0001"] * 3  # correlated rows stay together, even as one group
+    assert realism._side_groups("synthetic", one_group, np.arange(3)) == (
+        ["synthetic:holdout-group-0001"] * 3,
+        "subject",
+    )
+    assert realism._side_groups("synthetic", None, np.arange(3))[1] == "row"
+    assert realism._side_groups("real", ["synthetic"] * 2 + ["other"] * 2, np.arange(4))[1] == "subject"  # real: as is
+
+
+def test_a_side_of_one_group_gives_no_interval_overall_or_in_its_class() -> None:
+    """One held-out slab of a class is one independent sample: its cluster bootstrap would
+    collapse to a point, so that class gets no AUC (and is not gated); the others do."""
+    real, labels = phantoms(8, seed=0)
+    fresh, _ = phantoms(8, seed=1)
+    real_subjects = [f"slab-{i // 4}" for i in range(len(labels))]  # 2 slabs per class
+    groups = [
+        "holdout-group-0000" if label == "disc" else f"holdout-group-{1 + i // 4}" for i, label in enumerate(labels)
+    ]
+    fast = realism.TwoSampleSettings(folds=3, epochs=2, batch_size=16, bootstrap=50)
+    result = realism.two_sample_test(
+        real, labels, real_subjects, fresh, labels, fast, seed=0, synthetic_subjects=groups
+    )
+    assert result["auc"] is not None and result["ci95_low"] <= result["auc"] <= result["ci95_high"]
+    assert result["reason"] is None and result["synthetic_grouping"] == "subject"
+    disc = result["per_class"]["disc"]
+    assert disc["auc"] is None and disc["ci95_low"] is None and (disc["n_real"], disc["n_synthetic"]) == (8, 8)
+    assert disc["reason"] == (
+        "too few independent groups: 2 real and 1 synthetic (subjects or slabs); need >= 2 per side for an interval"
+    )
+    assert all(result["per_class"][name]["auc"] is not None for name in ("ring", "square"))
+    gate = check_gate(QualityGate(), {"realism": {"two_sample": result}})
+    assert [c["scope"] for c in gate["checks"]] == ["overall", "ring", "square"]  # disc: not gated
+
+    one_slab = realism.two_sample_test(
+        real, labels, real_subjects, fresh, labels, fast, seed=0, synthetic_subjects=["holdout-group-0000"] * 24
+    )
+    assert one_slab["auc"] is None and "1 synthetic" in one_slab["reason"]  # one slab: one independent sample
+    single_real = realism.two_sample_test(
+        real, labels, ["s"] * 24, fresh, labels, fast, seed=0, synthetic_subjects=groups
+    )
+    assert single_real["grouping"] == "row" and single_real["auc"] is not None
+
+
 def test_too_few_images_give_no_auc_and_say_why() -> None:
     real, labels = phantoms(4, seed=0)
     result = realism.two_sample_test(real, labels, [None] * len(labels), real[:3], labels[:3], SETTINGS, seed=0)

@@ -432,6 +432,8 @@ def test_a_run_whose_gate_rejects_the_set_writes_the_report_then_exits_non_zero(
     paths = PipelinePaths(config.parent, "tiny")
     assert json.loads((paths.metrics / "quality.json").read_text())["gate"]["passed"] is False
     assert (paths.filtered / "_manifest.json").is_file()  # the filter's outputs are kept
-    assert not (paths.metrics / "retrain.json").exists()  # no comparison on a rejected set
+    # retrain still ran, for the report only; the rejection governs the verdict
+    assert json.loads((paths.metrics / "retrain.json").read_text())["verdict"]
     markdown = (paths.reports / "report.md").read_text()
     assert markdown.splitlines()[2].startswith("**Verdict: REJECTED**: the quality gate rejected the synthetic set")
+    assert "the rejection governs" in markdown.splitlines()[2]
