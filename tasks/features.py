@@ -363,6 +363,25 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def trained_model_path(cfg: Any, paths: Any, folder: str, *, device: str, code_file: str, **identity: Any) -> Path:
+    """Where a network trained on the real train split is cached: ``paths.state / folder /
+    <key>.pt``, keyed by the real dataset's digest, ``identity`` (recipe, classes, channels...),
+    the pipeline seed and threads, the device, the torch version and the sha256 of the
+    module that trains it (``code_file``), i.e. by everything that determines its weights."""
+    from generators.shards import dataset_digest
+
+    key = cache_key(
+        real=dataset_digest(paths.real),
+        **identity,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        device=device,
+        torch=torch.__version__,
+        code=hashlib.sha256(Path(code_file).read_bytes()).hexdigest(),
+    )
+    return paths.state / folder / f"{key[:32]}.pt"
+
+
 def _ids_sha256(ids: Sequence[str]) -> str:
     """A digest of the row ids (the cache stores no ids, only this)."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()

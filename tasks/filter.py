@@ -87,7 +87,6 @@ val) split plus the decoded synthetic images (N x C x H x W float32) and their f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -186,19 +185,17 @@ def _classifier_cache_path(
     cfg: PipelineConfig, paths: PipelinePaths, classes: list[str], channels: int, device: str
 ) -> Path:
     """Where the trained classifier is cached: keyed by everything that determines its weights."""
-    key = features.cache_key(
-        real=dataset_digest(paths.real),
+    return features.trained_model_path(
+        cfg,
+        paths,
+        "classifier",
+        device=device,
+        code_file=downstream.__file__,
         classes=classes,
         channels=channels,
         recipe=[LABEL_NETWORK, LABEL_BATCH_SIZE, LABEL_LR, cfg.quality.label_consistency.epochs],
         augment=AugmentSpec().model_dump(mode="json"),
-        seed=cfg.seed,
-        threads=cfg.threads,
-        device=device,
-        torch=torch.__version__,
-        code=hashlib.sha256(Path(downstream.__file__).read_bytes()).hexdigest(),
     )
-    return paths.state / "classifier" / f"{key[:32]}.pt"
 
 
 def _train_label_classifier(
@@ -364,18 +361,17 @@ def _self_supervised_model(
     only (no labels, no filter classifier), cached under ``paths.state`` like the classifier."""
     steps = cfg.quality.metrics.self_supervised_steps
     channels = int(train.images.shape[1])
-    key = features.cache_key(
-        real=dataset_digest(paths.real),
+    cache = features.trained_model_path(
+        cfg,
+        paths,
+        "contrastive",
+        device=device,
+        code_file=contrastive.__file__,
         channels=channels,
         recipe=[contrastive.NETWORK, contrastive.PROJECTION_DIM, contrastive.BATCH_SIZE, contrastive.LR, steps],
-        seed=cfg.seed,
-        threads=cfg.threads,
-        device=device,
-        torch=torch.__version__,
-        code=hashlib.sha256(Path(contrastive.__file__).read_bytes()).hexdigest(),
     )
     model, _ = features.load_or_train(
-        paths.state / "contrastive" / f"{key[:32]}.pt",
+        cache,
         lambda: contrastive.build_encoder(channels, seed=cfg.seed),
         lambda untrained: contrastive.train_encoder(untrained, train.images, steps=steps, seed=cfg.seed, device=device),
     )

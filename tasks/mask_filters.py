@@ -29,7 +29,6 @@ Masks are int64 ``(H, W)`` class indices (0 = background); images float32 ``(C, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import torch
 from scipy import ndimage
 
 from generators.errors import DataError
-from generators.shards import dataset_digest, decode_image, iter_tables
+from generators.shards import decode_image, iter_tables
 from tasks import downstream, features
 from tasks.config import AugmentSpec, MaskFilter, PipelineConfig
 from tasks.paths import PipelinePaths
@@ -190,19 +189,17 @@ class Segmenter:
 def _segmenter_cache_path(
     cfg: PipelineConfig, paths: PipelinePaths, num_classes: int, channels: int, device: str
 ) -> Path:
-    key = features.cache_key(
-        real=dataset_digest(paths.real),
+    return features.trained_model_path(
+        cfg,
+        paths,
+        "segmenter",
+        device=device,
+        code_file=downstream.__file__,
         num_classes=num_classes,
         channels=channels,
         recipe=[SEGMENTER_NETWORK, SEGMENTER_BATCH_SIZE, SEGMENTER_LR, cfg.quality.masks.epochs],
         augment=AugmentSpec().model_dump(mode="json"),
-        seed=cfg.seed,
-        threads=cfg.threads,
-        device=device,
-        torch=torch.__version__,
-        code=hashlib.sha256(Path(downstream.__file__).read_bytes()).hexdigest(),
     )
-    return paths.state / "segmenter" / f"{key[:32]}.pt"
 
 
 def train_segmenter(
