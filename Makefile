@@ -15,5 +15,5 @@ lint:
 bench:           ## every benchmark; figures go to stdout, record them in benchmarks/README.md
 	$(PY) -m benchmarks.run_all
 
-dvc-yaml:        ## re-render dvc.yaml from tasks/stages.py
-	$(PY) -m flows.cli dvc-yaml --pipeline demo > dvc.yaml
+dvc-yaml:        ## re-render dvc.yaml (every pipeline) from pipelines.yaml + tasks/stages.py
+	$(PY) -m flows.cli dvc-yaml --write

@@ -6,6 +6,9 @@
     synthmed serve --pipeline NAME --cron "0 2 * * *"           a scheduled Prefect deployment, served here
     synthmed remote s3 s3://bucket/prefix [--endpoint-url URL]  use an S3 (or MinIO) bucket as the DVC remote
     synthmed publish --pipeline NAME                            copy reports + metrics to storage.results_uri
+    synthmed init DIR --from-folder PATH [--task T]             a new project with one pipeline from a folder
+    synthmed new-pipeline --from-folder PATH [--task T]         inspect a folder, add a pipeline + its DVC stages
+    synthmed export-synthetic --pipeline P --format F --out D   the kept synthetic images as PNG / NIfTI / DICOM
     synthmed generators ...                                     the generator zoo
 
 Errors print one line (``error: ...``) and exit with status 2; no traceback for
@@ -22,9 +25,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from flows.console import configure_console, telemetry_off
 from generators.errors import ConfigError, SynthmedError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+telemetry_off()  # before Prefect is imported: no heartbeat to prefect.io, no SDK analytics (flows/console.py)
 
 
 def _config_path(value: str) -> Path:
@@ -150,16 +155,66 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
-    import yaml
+    """Print ``dvc.yaml`` for every pipeline of the config (or the ``--pipeline`` ones);
+    ``--write`` writes it beside the config, ``--check`` exits 1 when that file differs."""
+    from flows.versioning import DVC_YAML, check_dvc_yaml, render_dvc_yaml
 
+    root, with_code = args.config.parent, not args.no_code
+    if args.pipeline and (args.check or args.write):
+        raise ConfigError("dvc-yaml: --write and --check cover every pipeline of the config; drop --pipeline")
+    if args.check:
+        problem = check_dvc_yaml(root, args.config, with_code=with_code)
+        print(f"error: {problem}" if problem else f"{root / DVC_YAML}: up to date with {args.config.name}")
+        return 1 if problem else 0
+    text = render_dvc_yaml(args.config, args.pipeline, with_code=with_code)
+    if not args.write:
+        print(text, end="")
+        return 0
+    (root / DVC_YAML).write_text(text)
+    print(f"wrote {root / DVC_YAML}")
+    return 0
+
+
+def cmd_new_pipeline(args: argparse.Namespace) -> int:
+    """Inspect the data, append a pipeline to pipelines.yaml (validated) and render its DVC
+    stages (flows/scaffold.py); ``--dry-run`` only prints what it found and would write."""
+    from flows.scaffold import entry_text, new_pipeline, summary_lines
+
+    scaffold = new_pipeline(args.config, args.from_folder, args.task, args.name, dry_run=args.dry_run)
+    print("\n".join(summary_lines(scaffold)))
+    if args.dry_run:
+        print(f"would append to {args.config.name} (--dry-run: nothing written):")
+        print(entry_text(scaffold.name, scaffold.entry), end="")
+        return 0
+    for item in scaffold.written:
+        print(f"wrote: {item}")
+    print(f"next: synthmed run --pipeline {scaffold.name}   (or: dvc repro)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from flows.scaffold import init_project, summary_lines
+
+    scaffold = init_project(args.directory, args.from_folder, args.task, args.name)
+    print("\n".join(summary_lines(scaffold)))
+    for item in scaffold.written:
+        print(f"wrote: {item}")
+    print(f"next: cd {args.directory} && synthmed run --pipeline {scaffold.name}")
+    return 0
+
+
+def cmd_export_synthetic(args: argparse.Namespace) -> int:
     from tasks.config import load_pipeline
-    from tasks.stages import dvc_yaml
+    from tasks.export import export_synthetic
+    from tasks.paths import PipelinePaths
 
-    cfg = load_pipeline(args.pipeline, args.config)
-    header = (
-        "# Rendered by `synthmed dvc-yaml --pipeline %s` from tasks/stages.py; do not edit by hand.\n" % args.pipeline
+    load_pipeline(args.pipeline, args.config)  # a known pipeline, a valid file
+    summary = export_synthetic(
+        PipelinePaths(args.config.parent, args.pipeline), args.format, args.out, dataset=args.dataset
     )
-    print(header + yaml.safe_dump(dvc_yaml(args.pipeline, cfg, with_code=not args.no_code), sort_keys=False), end="")
+    per_class = ", ".join(f"{label} {n}" for label, n in summary["per_class"].items())
+    print(f"exported {summary['images']} images ({per_class}) as {args.format} to {args.out}")
+    print(f"manifest: {args.out / 'manifest.csv'}")
     return 0
 
 
@@ -222,11 +277,49 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
     validate.set_defaults(func=cmd_validate)
 
-    render = sub.add_parser("dvc-yaml", help="print the dvc.yaml stages of a pipeline")
-    render.add_argument("--pipeline", default="demo")
+    render = sub.add_parser("dvc-yaml", help="render dvc.yaml: every pipeline's stages and plots")
+    render.add_argument(
+        "--pipeline", action="append", default=None, help="only this pipeline (repeatable; default: all of them)"
+    )
     render.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
     render.add_argument("--no-code", action="store_true", help="omit code deps (for projects outside this repo)")
+    mode = render.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write dvc.yaml beside the config (default: print it)")
+    mode.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not what would be rendered")
     render.set_defaults(func=cmd_dvc_yaml)
+
+    tasks_choice = ("classification", "segmentation")
+    scaffold = sub.add_parser(
+        "new-pipeline", help="inspect a folder of class sub-folders (or a CSV) and add a pipeline"
+    )
+    scaffold.add_argument(
+        "--from-folder", type=Path, required=True, help="folder with one sub-folder per class, or a CSV"
+    )
+    scaffold.add_argument("--task", choices=tasks_choice, default="classification")
+    scaffold.add_argument("--name", default=None, help="pipeline name (default: the folder's name)")
+    scaffold.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    scaffold.add_argument("--dry-run", action="store_true", help="print what was found and the entry; write nothing")
+    scaffold.set_defaults(func=cmd_new_pipeline)
+
+    init = sub.add_parser("init", help="a new project: pipelines.yaml from a folder, git, DVC and dvc.yaml")
+    init.add_argument("directory", type=_config_path, help="the project folder (created)")
+    init.add_argument("--from-folder", type=Path, required=True, help="folder with one sub-folder per class, or a CSV")
+    init.add_argument("--task", choices=tasks_choice, default="classification")
+    init.add_argument("--name", default=None, help="pipeline name (default: the folder's name)")
+    init.set_defaults(func=cmd_init)
+
+    export = sub.add_parser("export-synthetic", help="write a pipeline's synthetic images as PNG, NIfTI or DICOM files")
+    export.add_argument("--pipeline", default="demo")
+    export.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    export.add_argument("--format", choices=("png", "nifti", "dicom"), required=True)
+    export.add_argument("--out", type=_config_path, required=True, help="a new or empty folder")
+    export.add_argument(
+        "--dataset",
+        choices=("filtered", "synthetic"),
+        default="filtered",
+        help="kept images (default) or all generated",
+    )
+    export.set_defaults(func=cmd_export_synthetic)
 
     from flows.generators_cli import add_generator_commands
 
@@ -237,17 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # one line per HTTP call to the local Prefect API is noise
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    from tasks.stages import ORDER
+
+    configure_console(args.verbose, stages=ORDER)  # one line per event, no library tracebacks (flows/console.py)
     try:
         return args.func(args)
     except SynthmedError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever raised it
         return 2
+    except Exception as exc:  # a bug, not a user error: one line here, the traceback with -v
+        if args.verbose:
+            raise
+        detail = " ".join(str(exc).split())[:300]
+        print(
+            f"error: unexpected {type(exc).__name__}: {detail}; this is a bug: rerun with -v for the traceback "
+            "and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

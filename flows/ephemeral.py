@@ -55,6 +55,9 @@ class TiedServer(SubprocessASGIServer):
 
     def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
         server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # no telemetry heartbeat from a local server (offline it logs ERROR lines and, with two
+        # servers on one SQLite file, a 'database is locked' traceback), unless the user set it
+        server_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         return subprocess.Popen(
             args=[
                 sys.executable,

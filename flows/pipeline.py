@@ -182,7 +182,8 @@ def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     if params.dvc_commit:
         from flows.versioning import commit_outputs
 
-        versions = commit_outputs(Path(params.config).resolve().parent, params.pipeline, push=params.dvc_push)
+        config_path = Path(params.config).resolve()
+        versions = commit_outputs(config_path.parent, params.pipeline, push=params.dvc_push, config=config_path)
         summaries["versions"] = versions
     if cfg.storage.results_uri:
         summaries["published"] = publish(params.pipeline, str(params.config))

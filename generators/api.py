@@ -27,6 +27,7 @@ from generators.contract import GeneratedBatch, Generator
 from generators.errors import GeneratorError
 from generators.registry import Entry, find, load_generator
 from generators.registry import search as _search
+from generators.seed_stream import generate_range
 from generators.shards import Row, encode_png, from_unit_float, write_dataset
 
 
@@ -121,16 +122,20 @@ def generate(
     allow_code: bool = False,
     compile: bool = False,
 ) -> Path:
-    """Generate ``n`` images into a dataset (Parquet shards) or a folder of 8-bit PNGs."""
+    """Generate ``n`` images into a dataset (Parquet shards) or a folder of 8-bit PNGs.
+
+    Image ``i`` (row ``gen-<i>``) is a pure function of ``(seed, i)`` (the per-image seed
+    stream of ``generators.seed_stream``): ``batch_size`` only trades memory for speed, and
+    the first ``m`` images of a request for ``n > m`` are the images of a request for ``m``."""
     if n < 1:
         raise GeneratorError(f"expected n >= 1, got {n}")
     generator = get_generator(ref, device, allow_code=allow_code, compile=compile)
     output = Path(output)
 
     def rows() -> Iterator[Row]:
-        for b, start in enumerate(range(0, n, batch_size)):
+        for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            batch = generator.generate(count, seed * 1_009 + b, condition)
+            batch = generate_range(generator, start, count, seed, condition)
             unit = _unit(batch.images, generator.card.value_range)
             for i in range(count):
                 mask = None if batch.masks is None else batch.masks[i].astype(np.uint8)
@@ -161,7 +166,10 @@ def generate(
 
 class SyntheticDataset(torch.utils.data.IterableDataset):
     """Yields ``(image, label_index)`` pairs made on the fly: image float32 (C, H, W) in
-    [0, 1]. Deterministic for a given seed; ``length`` samples per epoch."""
+    [0, 1]. ``length`` samples per epoch; sample ``i`` is image ``i`` of the seed stream
+    (``generators.seed_stream``), whatever ``batch_size`` and however many DataLoader workers
+    (worker ``w`` of ``W`` makes the batches ``b`` with ``b % W == w``; the DataLoader
+    interleaves them back in order)."""
 
     def __init__(
         self, ref: str, length: int, seed: int = 0, batch_size: int = 64, device: str = "cpu", compile: bool = False
@@ -174,9 +182,13 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
         return self.length
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for b, start in enumerate(range(0, self.length, self.batch_size)):
+            if b % workers != worker:
+                continue
             count = min(self.batch_size, self.length - start)
-            batch = self.generator.generate(count, self.seed * 1_009 + b, None)
+            batch = generate_range(self.generator, start, count, self.seed)
             unit = _unit(batch.images, self.generator.card.value_range)
             for i in range(count):
                 label = batch.labels[i]
@@ -186,6 +198,7 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
 def get_dataloader(
     ref: str, length: int, batch_size: int = 32, seed: int = 0, device: str = "cpu", compile: bool = False
 ) -> torch.utils.data.DataLoader:
-    """A torch DataLoader of synthetic samples for a user's own training loop."""
-    dataset = SyntheticDataset(ref, length, seed, device=device, compile=compile)
+    """A torch DataLoader of synthetic samples for a user's own training loop; sample ``i``
+    of an epoch is image ``i`` of ``seed``'s stream, whatever ``batch_size``."""
+    dataset = SyntheticDataset(ref, length, seed, batch_size=batch_size, device=device, compile=compile)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)

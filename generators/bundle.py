@@ -2,7 +2,14 @@
 as a bundle that MONAI's own runner (``python -m monai.bundle run``) executes.
 
 Bundle layout (MONAI model zoo): ``configs/metadata.json``, ``configs/inference.json``,
-``models/model.pt`` (a state dict), ``LICENSE``, ``docs/``.
+``models/model.pt`` (a state dict), ``LICENSE``, ``docs/``. Diffusion models (``ddpm``,
+``ldm``) export like the zoo's diffusion bundles: MONAI UNet (+ ``AutoencoderKL`` in
+``models/model_autoencoder.pt``), scheduler and inferer in the config, ``scripts/sampler.py``
+(see ``generators.diffusion_bundle``). Every export draws image ``i``'s latent from the
+seed stream (``generators.seed_stream``), so the runner's PNGs are ``generate(n, seed)``'s.
+
+Missing weights: a bundle without ``models/model.pt`` is refused with one line naming the
+URL its ``large_files.yml`` lists and where to put the file (nothing is downloaded).
 
 Safety: importing never evaluates a config. A network written as a ``_target_`` from
 ``KNOWN_NETWORKS`` with literal arguments (``@id`` references to literals are resolved
@@ -267,7 +274,9 @@ def import_bundle(
     config = _read_structured(root / config_file)
     weights = root / "models" / "model.pt"
     if not weights.is_file():
-        raise GeneratorError(f"{root}: no models/model.pt; a bundle to import needs its weights file")
+        raise GeneratorError(
+            f"{root}: no models/model.pt; a bundle to import needs its weights file ({_large_files_hint(root, 'models/model.pt')})"
+        )
     embedded = metadata.get("synthmed_card")
     if isinstance(embedded, dict):
         return _embedded_card(root, embedded, config, network_key, allow_code)
@@ -342,6 +351,35 @@ def import_bundle(
         raise card_error(exc, str(root)) from None
 
 
+def _large_files_hint(root: Path, relative: str) -> str:
+    """Where a missing weights file comes from, for a one-line error: the ``url`` (and hash)
+    that the bundle's ``large_files.yml`` (or ``.yaml``/``.json``) lists for ``relative``,
+    and where to put the downloaded file. Never downloads anything."""
+    target = root / relative
+    for name in ("large_files.yml", "large_files.yaml", "large_files.json"):
+        listing = root / name
+        if not listing.is_file():
+            continue
+        try:
+            data = _read_structured(listing)
+        except ConfigError as exc:
+            return f"{listing.name} is unreadable ({str(exc)[:80]}); put the weights file at {target}"
+        for item in data.get("large_files", []) if isinstance(data, dict) else []:
+            if isinstance(item, dict) and str(item.get("path", "")).lstrip("./") == relative:
+                source = item.get("url") or item.get("path")
+                digest = (
+                    f" ({item['hash_type']} {item['hash_val']})"
+                    if item.get("hash_val") and item.get("hash_type")
+                    else ""
+                )
+                return (
+                    f"{listing.name} lists it at {source}{digest}; download that file yourself (synthmed never "
+                    f"downloads) and put it at {target}, then re-run"
+                )
+        return f"{listing.name} does not list {relative}; put the bundle's weights file at {target}"
+    return f"the bundle has no large_files.yml naming a download; put its weights file at {target}"
+
+
 def _embedded_card(
     root: Path, embedded: dict[str, Any], config: dict[str, Any], network_key: str, allow_code: bool
 ) -> ModelCard:
@@ -360,6 +398,13 @@ def _embedded_card(
         target, kwargs = network_from_config(config, network_key)
         if kwargs != card.network.get("kwargs"):
             raise ConfigError(f"{root}: inference config network differs from the card in metadata.json; re-export")
+    elif card.architecture in DIFFUSION_ARCHITECTURES:
+        # loaded by synthmed's own loader from the card (state dicts, weights_only): no config code runs
+        if card.architecture == "ldm" and not (root / "models" / "model_autoencoder.pt").is_file():
+            raise GeneratorError(
+                f"{root}: no models/model_autoencoder.pt; an ldm bundle needs the autoencoder's weights file "
+                f"({_large_files_hint(root, 'models/model_autoencoder.pt')})"
+            )
     elif not allow_code:
         raise GeneratorError(
             f"{root}: this bundle holds a {card.architecture} model, which runs code when loaded; "
@@ -381,6 +426,8 @@ def install_bundle(source: Path | str, dest: Path | str, card: ModelCard) -> Pat
     (dest / "models").mkdir()
     weights = card.weights.file or "models/model.pt"
     shutil.copy2(source / weights, dest / weights)
+    if card.architecture == "ldm":
+        card = _merge_ldm_weights(source, dest, card)
     for name in ("LICENSE", "README.md"):
         if (source / name).is_file():
             shutil.copy2(source / name, dest / name)
@@ -388,6 +435,28 @@ def install_bundle(source: Path | str, dest: Path | str, card: ModelCard) -> Pat
         copied.chmod(0o755 if copied.is_dir() else 0o644)  # sources may be read-only
     save_card(card, dest / "card.yaml")
     return dest / "card.yaml"
+
+
+def _merge_ldm_weights(source: Path, dest: Path, card: ModelCard) -> ModelCard:
+    """An ldm bundle keeps the UNet (``models/model.pt``) and the autoencoder
+    (``models/model_autoencoder.pt``) apart, as the model zoo does; synthmed's ldm loader
+    reads one file with ``unet.`` and ``autoencoder.`` prefixes: write it as
+    ``dest/weights.safetensors`` and point the card at it."""
+    from generators.weights import save_weights
+
+    unet = load_weights(source / "models" / "model.pt", card.weights.sha256, "torch")
+    autoencoder_file = source / "models" / "model_autoencoder.pt"
+    autoencoder = load_weights(autoencoder_file, sha256_file(autoencoder_file), "torch")
+    state = {f"unet.{k}": v for k, v in unet.items()}
+    state.update({f"autoencoder.{k}": v for k, v in autoencoder.items()})
+    sha = save_weights(state, dest / "weights.safetensors")
+    return card.model_copy(
+        update={
+            "weights": card.weights.model_copy(
+                update={"file": "weights.safetensors", "sha256": sha, "format": "safetensors"}
+            )
+        }
+    )
 
 
 # ---------------------------------------------------------------- load and generate
@@ -557,7 +626,7 @@ def inference_config(lm: LatentModule, num_samples: int = 8, seed: int = 0) -> d
     """The ``configs/inference.json`` of an exported generator (see ``export_bundle``)."""
     raw = lm.monai is not None  # MONAI network: raw outputs; else a TorchScript latent module
     n_labels = len(lm.labels)
-    draw = "torch.randn" if lm.latent_distribution == "normal" else "torch.rand"
+    draw = "standard_normal" if lm.latent_distribution == "normal" else "random"
     cfg: dict[str, Any] = {
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
@@ -565,13 +634,19 @@ def inference_config(lm: LatentModule, num_samples: int = 8, seed: int = 0) -> d
         "num_samples": num_samples,
         "batch_size": 8,
         "seed": seed,
+        "first_index": 0,
         "latent_size": lm.latent_dim,
-        "latents": f"${draw}(@num_samples, @latent_size, generator=torch.Generator().manual_seed(@seed))",
+        # the seed stream (generators.seed_stream): image i's latent comes from its own generator
+        "image_indices": "$list(range(@first_index, @first_index + @num_samples))",
+        "latents": (
+            "$torch.from_numpy(np.stack([np.random.Generator(np.random.PCG64(np.random.SeedSequence([@seed, i, 0])))"
+            f".{draw}(@latent_size, dtype=np.float32) for i in @image_indices]))"
+        ),
     }
     if n_labels:
         cfg["labels"] = list(lm.labels)
         cfg["num_labels"] = n_labels
-        cfg["label_indices"] = "$[i % @num_labels for i in range(@num_samples)]"
+        cfg["label_indices"] = "$[i % @num_labels for i in @image_indices]"
         cfg["data"] = "$[{'latent': z, 'label_index': k} for z, k in zip(@latents, @label_indices)]"
     else:
         cfg["data"] = "$[{'latent': z} for z in @latents]"
@@ -762,13 +837,22 @@ def export_bundle(generator: Any, out: Path | str, *, source_dir: Path | None = 
         python -m monai.bundle run --config_file OUT/configs/inference.json --bundle_root OUT
 
     writes ``num_samples`` PNGs to ``OUT/outputs`` (override ``--num_samples``, ``--seed``,
-    ``--output_dir``); with the same seed they are the images ``generate(n, seed)`` makes.
+    ``--first_index``, ``--output_dir``): images ``first_index .. first_index+num_samples-1``
+    of the seed stream (``generators.seed_stream``), i.e. with the same seed the images
+    ``generate(n, seed)`` makes. ``ddpm``/``ldm`` go to :func:`export_diffusion_bundle`.
     LICENSE and docs are copied from ``source_dir`` (the card's directory) when present.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise GeneratorError(f"{out}: exists and is not empty; pick a new directory for the bundle")
+    if generator.card.architecture in DIFFUSION_ARCHITECTURES:
+        return export_diffusion_bundle(generator, out, source_dir=source_dir, num_samples=num_samples)
     lm = latent_module(generator)
+    if hasattr(lm.module, "mask_pool_masks"):
+        raise GeneratorError(
+            f"{generator.card.ref}: a mask-input generator ({generator.card.architecture}) has no MONAI bundle "
+            "export yet; export it as TorchScript (--format torchscript)"
+        )
     card = generator.card
     export_card = _export_card(card, lm)
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -795,6 +879,114 @@ def export_bundle(generator: Any, out: Path | str, *, source_dir: Path | None = 
     (out / "docs").mkdir(exist_ok=True)
     (out / "docs" / "README.md").write_text(_readme(export_card, lm))
     return out
+
+
+DIFFUSION_ARCHITECTURES = ("ddpm", "ldm")
+
+
+def export_diffusion_bundle(
+    generator: Any, out: Path | str, *, source_dir: Path | None = None, num_samples: int = 8
+) -> Path:
+    """Write a loaded ``ddpm``/``ldm`` generator as a model-zoo-style diffusion bundle at
+    ``out`` (see ``generators.diffusion_bundle``): ``configs/inference.json`` +
+    ``metadata.json`` + ``logging.conf``, ``models/model.pt`` (the UNet's state dict) and,
+    for ldm, ``models/model_autoencoder.pt``, ``scripts/sampler.py``, ``docs/README.md``
+    and the source's LICENSE. The card travels in metadata.json (``synthmed_card``)."""
+    from generators.diffusion_bundle import (
+        SAMPLER_SOURCE,
+        diffusion_inference_config,
+        diffusion_parts,
+        diffusion_weights,
+    )
+
+    out = Path(out)
+    card = generator.card
+    parts = diffusion_parts(generator)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir()
+    (out / "scripts").mkdir()
+    for name, state in diffusion_weights(parts).items():
+        torch.save(state, out / "models" / name)
+    embedded = card.model_dump(mode="json")
+    embedded["weights"] = {
+        "file": "models/model.pt",
+        "sha256": sha256_file(out / "models" / "model.pt"),
+        "format": "torch",
+    }
+    network = dict(embedded["network"])
+    network["ddim_steps" if card.architecture == "ddpm" else "sample_steps"] = parts["steps"]
+    embedded["network"] = network
+    export_card = ModelCard.model_validate(embedded)
+    labels = list(card.conditioning.labels)
+    config = diffusion_inference_config(parts, labels, num_samples)
+    (out / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
+    metadata = _diffusion_metadata(export_card, parts["noise_shape"])
+    (out / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    (out / "configs" / "logging.conf").write_text(LOGGING_CONF)
+    (out / "scripts" / "__init__.py").write_text("")
+    (out / "scripts" / "sampler.py").write_text(SAMPLER_SOURCE)
+    if source_dir is not None and (Path(source_dir) / "LICENSE").is_file():
+        shutil.copy2(Path(source_dir) / "LICENSE", out / "LICENSE")
+    (out / "docs").mkdir(exist_ok=True)
+    h, w = card.image_size
+    (out / "docs" / "README.md").write_text(
+        f"# {card.name or card.id} ({card.ref})\n\n{card.description}\n\n"
+        f"Exported by synthmed: a {card.architecture} diffusion model making {card.modality} {card.anatomy} images, "
+        f"{card.channels} x {h} x {w}, in [0, 1], in {parts['steps']} sampling steps. "
+        + (f"Labels {labels} cycle: image i gets label i % {len(labels)}. " if labels else "")
+        + "Image i starts from numpy PCG64(SeedSequence([seed, i, 0])).standard_normal(noise_shape, float32).\n\n"
+        "```\npython -m monai.bundle run --config_file configs/inference.json --bundle_root . "
+        "--num_samples 16 --seed 0\n```\n\nwrites outputs/<i>_image.png.\n\n"
+        f"Licence: {card.licence}. Intended use: {card.intended_use}.\n"
+    )
+    return out
+
+
+def _diffusion_metadata(card: ModelCard, noise_shape: list[int]) -> dict[str, Any]:
+    """``configs/metadata.json`` of a diffusion bundle (model-zoo generator schema)."""
+    import monai
+
+    h, w = card.image_size
+    noise = {
+        "type": "noise",
+        "format": "magnitude",
+        "num_channels": noise_shape[0],
+        "spatial_shape": noise_shape[1:],
+        "dtype": "float32",
+        "value_range": [],
+        "is_patch_data": False,
+        "channel_def": {},
+    }
+    pred = {
+        "type": "image",
+        "format": "magnitude",
+        "num_channels": card.channels,
+        "spatial_shape": [h, w],
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_patch_data": False,
+        "channel_def": {"0": "image"},
+    }
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_generator_ldm_20230507.json",
+        "version": card.version,
+        "changelog": dict(card.changelog) or {card.version: "exported by synthmed"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {k: v for k, v in {"pillow": _installed("pillow")}.items() if v},
+        "name": card.name or card.id,
+        "task": f"Generate synthetic {card.modality} {card.anatomy} images ({card.ref})",
+        "description": card.description,
+        "authors": card.origin.authors or "synthmed",
+        "copyright": card.origin.citation or f"see LICENSE ({card.licence})",
+        "license": card.licence,
+        "intended_use": card.intended_use,
+        "data_source": " ".join(x for x in (card.training.dataset, card.training.dataset_licence) if x),
+        "data_type": "png",
+        "network_data_format": {"inputs": {"noise": noise}, "outputs": {"pred": pred}},
+        "synthmed_card": card.model_dump(mode="json"),
+    }
 
 
 def _readme(card: ModelCard, lm: LatentModule) -> str:

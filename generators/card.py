@@ -22,6 +22,7 @@ ARCHITECTURES = (
     "dcgan",
     "vae",
     "ddpm",
+    "ldm",
     "pix2pix",
     "noise",
     "blobs",

@@ -17,6 +17,9 @@ makes the rest meaningless:
   deterministic the same seed gives the same images
   seed_varies a different seed gives different images
   batch_varies samples within a batch are not all identical (collapsed generator)
+  seed_stream image i depends on (seed, i) only (``generators.seed_stream``): images 1..n-1
+              made as a batch of their own equal those of the whole batch (skipped for
+              the controls, which draw per batch)
 
 ``register(card, weights)`` copies the card and weights into a staging directory of the
 user registry, checks them there and moves them to ``<registry>/<id>/<version>/`` only if
@@ -36,9 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from generators.card import ModelCard, load_card, save_card
-from generators.contract import GeneratedBatch
+from generators.contract import GeneratedBatch, Generator
 from generators.errors import GeneratorError, SynthmedError
 from generators.registry import Entry, list_entries, load_generator, safe_join, user_registry_dir
+from generators.seed_stream import generate_range
 from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
@@ -154,7 +158,11 @@ ALL_CHECKS = (
     "deterministic",
     "seed_varies",
     "batch_varies",
+    "seed_stream",
 )
+
+#: architectures that draw per batch, not per image (see ``generators.seed_stream``)
+BATCH_DRAWN = ("noise", "blobs", "real-holdout")
 
 
 class _Stop(Exception):
@@ -222,6 +230,23 @@ def _run_checks(entry: Entry, card: ModelCard, checks: _Checks, n: int, device: 
         checks.record("batch_varies", spread > 1e-4, f"max difference from sample 0 = {spread:.3g}")
     else:
         checks.record("batch_varies", True, "n = 1: not checked")
+    checks.record("seed_stream", *_stream_check(generator, card, images, n))
+
+
+def _stream_check(generator: Generator, card: ModelCard, images: np.ndarray, n: int) -> tuple[bool, str]:
+    """Images 1..n-1 of seed 0 made on their own (stream offset 1) equal the batch's."""
+    if card.architecture in BATCH_DRAWN:
+        return True, f"not checked: '{card.architecture}' draws per batch"
+    if n < 2:
+        return True, "n = 1: not checked"
+    try:
+        tail = np.asarray(generate_range(generator, 1, n - 1, 0).images)
+    except (SynthmedError, RuntimeError, ValueError, TypeError) as exc:
+        return False, f"images 1..{n - 1} on their own failed: {str(exc).splitlines()[0] if str(exc) else exc}"
+    if tail.shape != images[1:].shape:
+        return False, f"images 1..{n - 1} on their own have shape {tail.shape}, expected {images[1:].shape}"
+    diff = float(np.abs(tail - images[1:]).max())
+    return diff <= 1e-5, f"max |images 1..{n - 1} alone - in the batch| = {diff:.3g} (must be <= 1e-5)"
 
 
 def _mask_check(card: ModelCard, batch: GeneratedBatch, n: int) -> tuple[bool, str]:

@@ -30,13 +30,11 @@ SpatialOrder = Literal["row_major", "monai"]
 
 
 def sample_latent(n: int, latent_dim: int, distribution: str, seed: int) -> torch.Tensor:
-    """``(n, latent_dim)`` float32 latents from a seeded CPU generator: N(0, 1) or U(0, 1)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    if distribution == "normal":
-        return torch.randn(n, latent_dim, generator=gen)
-    if distribution == "uniform":
-        return torch.rand(n, latent_dim, generator=gen)
-    raise GeneratorError(f"unknown latent distribution '{distribution}'; allowed: normal, uniform")
+    """``(n, latent_dim)`` float32 latents, N(0, 1) or U(0, 1), from the per-image seed
+    stream (``generators.seed_stream``: row ``j`` is image ``start + j``'s latent)."""
+    from generators.seed_stream import stream_normal
+
+    return stream_normal((n, latent_dim), seed, distribution=distribution)
 
 
 def interpolate_latents(start: torch.Tensor, end: torch.Tensor, steps: int, distribution: str) -> torch.Tensor:
@@ -135,6 +133,8 @@ class LatentModule:
     activation: str = "none"
     spatial_order: str = "row_major"
     monai: MonaiNetwork | None = None
+    #: per-image latent shape when it is not ``(latent_dim,)`` (diffusion noise ``(C, h, w)``)
+    latent_shape: tuple[int, ...] = ()
 
     @torch.inference_mode()
     def images(self, latent: torch.Tensor, label_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,6 +158,10 @@ def latent_module(generator: Any) -> LatentModule:
         return _dcgan_latent_module(generator)
     if architecture == "vae":
         return _vae_latent_module(generator)
+    if architecture in ("ddpm", "ldm", "pix2pix"):
+        from generators import diffusion_export
+
+        return getattr(diffusion_export, f"{architecture}_latent_module")(generator)
     card = generator.card
     raise GeneratorError(
         f"{card.ref}: architecture '{card.architecture}' exposes no latent module, so it cannot be exported "

@@ -68,6 +68,7 @@ def measured_metrics(paths: PipelinePaths) -> dict[str, Metric]:
                 extractor=extractor_name,
                 note=f"{what}; n={overall.get('n_synthetic')} vs {overall.get('n_real')}, pipeline '{paths.pipeline}'",
             )
+    metrics.update(realism_metrics(quality, paths.pipeline))
     kept = quality.get("kept_fraction")
     if kept is not None:
         metrics["kept_fraction"] = Metric(value=float(kept), higher_is_better=True, note="share kept by the filters")
@@ -82,6 +83,31 @@ def measured_metrics(paths: PipelinePaths) -> dict[str, Metric]:
                 f"{retrain['task']} ({retrain['network']}), real + synthetic minus real only, "
                 f"{len(retrain['seeds'])} seeds, 95% CI [{delta['ci95_low']:+.3f}, {delta['ci95_high']:+.3f}], "
                 f"verdict: {retrain['verdict']}"
+            ),
+        )
+    return metrics
+
+
+def realism_metrics(quality: dict[str, Any], pipeline: str) -> dict[str, Metric]:
+    """``two_sample_auc`` (kept synthetic vs real train, :mod:`tasks.realism`; 0.5 = the
+    classifier cannot tell them apart, lower is better) overall and per class
+    (``two_sample_auc_<class>``), with the 95% interval in the note; empty when the run
+    had no realism test or it could not be computed."""
+    test = ((quality.get("realism") or {}).get("two_sample")) or {}
+    rows = [("two_sample_auc", test)] + [
+        (f"two_sample_auc_{label}", block) for label, block in sorted((test.get("per_class") or {}).items()) if label
+    ]
+    metrics: dict[str, Metric] = {}
+    for name, block in rows:
+        if block.get("auc") is None:
+            continue
+        metrics[name] = Metric(
+            value=round(float(block["auc"]), 4),
+            higher_is_better=False,
+            note=(
+                f"classifier two-sample test, kept synthetic vs real train, 95% CI "
+                f"[{block['ci95_low']:.3f}, {block['ci95_high']:.3f}]; n={block.get('n_synthetic')} vs "
+                f"{block.get('n_real')}, pipeline '{pipeline}'"
             ),
         )
     return metrics

@@ -9,7 +9,17 @@ An exported ``model.ts`` needs torch only (no synthmed, no MONAI)::
 ``images`` is float32 ``(N, C, H, W)`` in the card's value range (row-major), with one extra
 channel holding the mask class index when the card has masks. The card (``card.yaml``
 next to it, and a copy inside the file as ``extra/synthmed_card.json``) says which latent
-distribution to draw from and what the labels are.
+distribution to draw from and what the labels are; ``network.latent_shape`` gives the
+per-image latent shape of diffusion models (their initial noise ``[C, h, w]``), whose
+module holds the network(s) and the sampling loop (``generators.diffusion_export``);
+``network.mask_input`` marks pix2pix's ``module(latent, label_index, masks)``.
+
+To reproduce ``generate(n, seed)`` draw image ``i``'s latent from the seed stream
+(``generators.seed_stream``), with numpy only::
+
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, i, 0])))
+    latent_i = rng.standard_normal(latent_shape, dtype=np.float32)   # .random(...) for uniform
+    label_index_i = i % n_labels
 
 Loading TorchScript deserialises and runs code compiled into the file, so importing or
 loading a ``torchscript`` card is refused unless the caller opts in (``allow_code=True``,
@@ -34,6 +44,7 @@ from generators.card import ModelCard, card_error, save_card
 from generators.contract import GeneratedBatch
 from generators.errors import GeneratorError
 from generators.latent import LatentModule, latent_module, sample_latent
+from generators.seed_stream import stream_normal
 from generators.shards import sha256_file
 from generators.weights import read_verified
 
@@ -53,18 +64,32 @@ class TorchScriptNetwork(BaseModel):
     latent_distribution: Literal["normal", "uniform"] = "normal"
     conditional: bool = False
     mask_channel: bool = False
+    #: per-image latent shape when it is not ``(latent_dim,)``: diffusion noise ``[C, h, w]``
+    latent_shape: list[int] | None = None
+    #: the module takes ``masks`` (N, H, W) int64 as a third argument and holds a mask pool
+    #: (``mask_pool_masks``, ``mask_pool_labels``; see ``generators.diffusion_export``)
+    mask_input: bool = False
     signature: str = SIGNATURE
 
 
 def torchscript_network(lm: LatentModule) -> dict[str, Any]:
     """Card ``network`` entry describing ``lm`` once scripted."""
-    signature = SIGNATURE + ("; one extra output channel holds the mask class index" if lm.mask_channel else "")
+    mask_input = hasattr(lm.module, "mask_pool_masks")
+    signature = SIGNATURE
+    if lm.latent_shape:
+        signature = signature.replace("(N, latent_dim)", f"(N, {', '.join(map(str, lm.latent_shape))})")
+    if mask_input:
+        signature += "; masks: (N, H, W) int64 (third argument), drawn from the module's mask pool"
+    if lm.mask_channel:
+        signature += "; one extra output channel holds the mask class index"
     return TorchScriptNetwork(
         latent_distribution=lm.latent_distribution,
         conditional=bool(lm.labels),
         mask_channel=lm.mask_channel,
+        latent_shape=list(lm.latent_shape) or None,
+        mask_input=mask_input,
         signature=signature,
-    ).model_dump(mode="json")
+    ).model_dump(mode="json", exclude_defaults=False)
 
 
 def script_module(lm: LatentModule) -> torch.jit.ScriptModule:
@@ -193,13 +218,51 @@ class TorchScriptGenerator:
             raise GeneratorError(f"{self.card.ref}: expected {n} labels from {self.labels}, got {names}")
         return [self.labels.index(name) for name in names]
 
+    @property
+    def mask_conditioned(self) -> bool:
+        """True for a module with a mask input (``generators.contract.MaskConditionedGenerator``)."""
+        return self.spec.mask_input
+
+    @property
+    def mask_classes(self) -> int:
+        return len(self.card.conditioning.mask_classes)
+
+    def latent(self, n: int, seed: int) -> torch.Tensor:
+        """The module's first input for images ``start .. start+n-1`` of ``seed``'s stream
+        (``generators.seed_stream``): float32 ``(n, *latent_shape)``."""
+        shape = tuple(self.spec.latent_shape or (int(self.card.latent_dim),))
+        if len(shape) == 1:
+            return sample_latent(n, shape[0], self.spec.latent_distribution, seed)
+        return stream_normal((n, *shape), seed, distribution=self.spec.latent_distribution)
+
+    def _masks(self, indices: list[int] | None, seed: int, masks: np.ndarray | None) -> np.ndarray:
+        from generators.architectures.mask_pool import MaskPool, check_masks
+
+        n = 0 if indices is None else len(indices)
+        if masks is not None:
+            return check_masks(self.card, masks, self.mask_classes, n)
+        pool = MaskPool(
+            self.module.mask_pool_masks.cpu().numpy().astype(np.int64), self.module.mask_pool_labels.cpu().numpy()
+        )
+        return pool.draw(self.card, indices or [], seed)
+
     @torch.inference_mode()
-    def generate(self, n: int, seed: int, condition: Sequence[str] | str | None = None) -> GeneratedBatch:
+    def generate(
+        self, n: int, seed: int, condition: Sequence[str] | str | None = None, masks: np.ndarray | None = None
+    ) -> GeneratedBatch:
+        """``n`` samples from images ``start .. start+n-1`` of the seed stream; ``masks``
+        int (N, H, W) only for a module with a mask input (else drawn from its pool)."""
         if n < 1:
             raise GeneratorError(f"expected n >= 1, got {n}")
+        if masks is not None and not self.spec.mask_input:
+            raise GeneratorError(f"{self.card.ref}: this TorchScript module takes no masks; drop masks=")
         indices = self._indices(n, condition)
-        z = sample_latent(n, int(self.card.latent_dim), self.spec.latent_distribution, seed).to(self.device)
-        if indices is None:
+        z = self.latent(n, seed).to(self.device)
+        if self.spec.mask_input:
+            given = torch.from_numpy(self._masks(indices, seed, masks)).to(self.device)
+            index = torch.tensor(indices or [0] * n, dtype=torch.long, device=self.device)
+            out = self.module(z, index, given)
+        elif indices is None:
             out = self.module(z)
         else:
             out = self.module(z, torch.tensor(indices, dtype=torch.long, device=self.device))
@@ -220,6 +283,7 @@ class TorchScriptGenerator:
             image_channels=self.card.channels,
             value_range=tuple(self.card.value_range),
             mask_channel=self.spec.mask_channel,
+            latent_shape=tuple(self.spec.latent_shape or ()),
         )
 
 

@@ -12,7 +12,16 @@ MAX_SEED = 2**32 - 1
 #: floats, strings, booleans and negatives are refused by ``synthmed validate``.
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
 
-MASK_ARCHITECTURES = ("cgan", "pix2pix", "noise", "blobs", "real-holdout")  # the architectures that use ``with_masks``
+MASK_ARCHITECTURES = (
+    "cgan",
+    "pix2pix",
+    "noise",
+    "blobs",
+    "real-holdout",
+    "ddpm",
+)  # the architectures that use ``with_masks``
+#: the architectures that make images FOR given masks (pix2pix always; ddpm with ``with_masks: true``)
+MASK_CONDITIONED_ARCHITECTURES = ("pix2pix", "ddpm")
 
 
 class TrainSpec(BaseModel):
@@ -23,7 +32,7 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: noise, blobs (negative) and real-holdout (positive): controls, see generators/architectures/controls.py
-    architecture: Literal["cgan", "dcgan", "vae", "ddpm", "pix2pix", "noise", "blobs", "real-holdout"] = "cgan"
+    architecture: Literal["cgan", "dcgan", "vae", "ddpm", "ldm", "pix2pix", "noise", "blobs", "real-holdout"] = "cgan"
     loss: Literal["hinge", "bce"] = "hinge"
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -53,9 +62,37 @@ class TrainSpec(BaseModel):
     noise_schedule: Literal["cosine", "linear_beta", "scaled_linear_beta"] = Field(
         "cosine", description="ddpm: beta schedule (MONAI scheduler names); cosine suits any timesteps"
     )
+    autoencoder_epochs: int = Field(
+        100, ge=1, description="ldm: epochs of the autoencoder stage (cached apart from the diffusion stage)"
+    )
+    autoencoder_channels: tuple[int, ...] = Field(
+        (32, 64, 64), description="ldm: AutoencoderKL widths, one per level; n levels downsample 2**(n-1) times"
+    )
+    latent_channels: int = Field(3, ge=1, description="ldm: channels of the autoencoder's latent")
+    autoencoder_lr: float = Field(5e-4, gt=0, description="ldm: learning rate of the autoencoder")
+    autoencoder_kl_weight: float = Field(1e-6, ge=0, description="ldm: weight of the autoencoder's KL term")
+    sampler: Literal["rflow", "ddim"] = Field(
+        "rflow",
+        description="ldm: 'rflow' = rectified-flow training (velocity) and Euler sampling; 'ddim' = DDPM "
+        "training (noise, noise_schedule) and DDIM sampling; timesteps applies to both",
+    )
+    sample_steps: int = Field(12, ge=1, description="ldm: denoising steps per generated batch")
+    unet_channels: tuple[int, ...] | None = Field(
+        None,
+        description="ldm: UNet widths, one per level (self-attention at the last); default b, 2b, 4b(, 4b) "
+        "from base_channels down to a 4x4 latent",
+    )
+    unet_res_blocks: int = Field(2, ge=1, le=4, description="ldm: residual blocks per UNet level")
+    rflow_timesteps: Literal["uniform", "logit-normal"] = Field(
+        "uniform",
+        description="ldm with sampler rflow: how training timesteps are drawn; 'logit-normal' (t = sigmoid(N(0,1)) T, "
+        "as in rectified-flow image models) puts the training effort on the middle of the path",
+    )
     l1_weight: float = Field(100.0, ge=0, description="pix2pix: weight of the L1 term (100 in the pix2pix paper)")
     mask_pool_size: int = Field(
-        64, ge=0, description="pix2pix: training masks stored with the weights, to draw conditions from at generation"
+        64,
+        ge=0,
+        description="pix2pix and mask-conditioned ddpm: training masks stored with the weights, to draw conditions from at generation",
     )
 
     @model_validator(mode="after")
@@ -66,6 +103,10 @@ class TrainSpec(BaseModel):
             raise ValueError(
                 f"with_masks is supported by {', '.join(MASK_ARCHITECTURES)}, not {self.architecture}; "
                 "set with_masks: false or choose one of those"
+            )
+        if self.architecture == "ldm" and self.sample_steps > self.timesteps:
+            raise ValueError(
+                f"sample_steps ({self.sample_steps}) cannot exceed timesteps ({self.timesteps}); lower sample_steps"
             )
         if self.ddim_steps > self.timesteps:
             raise ValueError(

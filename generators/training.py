@@ -1,6 +1,15 @@
 """Config-driven generator training (GaNDLF-Synth style): a ``train:`` block picks the
-architecture, loss, optimiser settings, epochs and batch size; training is resumable from
-checkpoints and uses bf16 autocast on GPU."""
+architecture, loss, optimiser settings, epochs and batch size.
+
+One training loop for every architecture: :func:`fit`. An architecture contributes a
+:class:`Recipe` (its networks, optimisers, one training ``step`` and the network to export)
+and ``fit`` does the rest in one place: seeded shuffling and flips, bf16 autocast on GPU
+(``spec.amp``), the EMA of the exported network, atomic sha256-checked checkpoints, exact
+resume, and data parallelism under ``torchrun`` (gradients averaged, buffers broadcast from
+rank 0, every rank drawing its own noise). ``train_generator(spec, data)`` picks the
+architecture's train function (``_TRAINERS``), which builds the recipe and calls ``fit``;
+the controls (noise, blobs, real-holdout) learn no weights and run in one process only.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +19,15 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generators.architectures.cgan import (
-    CganConfig,
-    ConditionalDiscriminator,
-    ConditionalGenerator,
-    split_outputs,
-)
-from generators.errors import DataError
+from generators.errors import DataError, GeneratorError
 from generators.shards import sha256_file
 from generators.train_spec import TrainSpec
 
@@ -51,17 +54,6 @@ class TrainingData:
             raise DataError(f"expected one label per image, got {len(self.labels)} for {len(self.images)}")
 
 
-@dataclass
-class TrainResult:
-    """``generator``: state dict of the EMA generator; ``history``: one dict per epoch."""
-
-    generator: dict[str, torch.Tensor]
-    config: CganConfig
-    history: list[dict[str, float]] = field(default_factory=list)
-    time_s: float = 0.0
-    resumed_from_epoch: int = 0
-
-
 def _hinge_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
 
@@ -85,24 +77,35 @@ def _real_input(images: torch.Tensor, masks: torch.Tensor | None, k: int) -> tor
     return torch.cat([images, onehot], dim=1)
 
 
-def diff_augment(x: torch.Tensor, rng: torch.Generator, shift: float = 0.125, cutout: float = 0.25) -> torch.Tensor:
+def diff_augment(
+    x: torch.Tensor,
+    rng: torch.Generator,
+    shift: float = 0.125,
+    cutout: float = 0.25,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
     """DiffAugment (Zhao et al. 2020) for the discriminator's inputs: a random translation of
     up to ``shift`` of the image size (zero padded) and one zeroed square of side
     ``cutout * size`` per sample. Differentiable, applied identically to real and fake
     batches; every channel (image and one-hot mask) moves together.
 
     ``x``: float32 (B, C, H, W); returns the same shape and dtype. Random numbers come from
-    the CPU generator ``rng`` so training stays deterministic for a seed."""
+    the CPU generator ``rng`` so training stays deterministic for a seed. With
+    ``world_size`` > 1 (data parallel) the draw is for the ranks' B * world_size samples and
+    rank ``rank`` takes its own B of them (see ``StepContext.augment``)."""
     b, _, h, w = x.shape
-    offsets = (torch.rand(b, 2, generator=rng) * 2 - 1) * (2 * shift)  # grid units: 2 == image size
+    n, mine = b * world_size, slice(rank * b, (rank + 1) * b)
+    offsets = (torch.rand(n, 2, generator=rng)[mine] * 2 - 1) * (2 * shift)  # grid units: 2 == image size
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     theta[:, :, 2] = offsets
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     side_h, side_w = max(1, int(h * cutout)), max(1, int(w * cutout))
-    top = torch.randint(0, h - side_h + 1, (b,), generator=rng)
-    left = torch.randint(0, w - side_w + 1, (b,), generator=rng)
+    top = torch.randint(0, h - side_h + 1, (n,), generator=rng)[mine]
+    left = torch.randint(0, w - side_w + 1, (n,), generator=rng)[mine]
     rows = torch.arange(h).view(1, h, 1)
     cols = torch.arange(w).view(1, 1, w)
     hole = (
@@ -112,136 +115,6 @@ def diff_augment(x: torch.Tensor, rng: torch.Generator, shift: float = 0.125, cu
         & (cols < (left + side_w).view(b, 1, 1))
     )
     return x * (~hole).unsqueeze(1).to(x.device, x.dtype)
-
-
-def train_cgan(
-    data: TrainingData,
-    spec: TrainSpec,
-    *,
-    device: str = "cpu",
-    checkpoint: Path | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    ema_decay: float = 0.995,
-) -> TrainResult:
-    """Train a conditional GAN; resumable from ``checkpoint`` (written every
-    ``spec.checkpoint_every`` epochs, atomically). Deterministic on CPU for a fixed seed
-    and thread count."""
-    started = time.perf_counter()
-    cfg = CganConfig(
-        image_size=int(data.images.shape[-1]),
-        channels=int(data.images.shape[1]),
-        n_labels=len(data.label_names),
-        latent_dim=spec.latent_dim,
-        base_channels=spec.base_channels,
-        mask_classes=data.mask_classes if spec.with_masks else 0,
-        style=spec.cgan_style,
-    )
-    if spec.with_masks and data.masks is None:
-        raise DataError(
-            "train.with_masks is true but the training images have no masks; ingest masks or set with_masks: false"
-        )
-    torch.manual_seed(spec.seed)
-    rng = torch.Generator().manual_seed(spec.seed)
-    dev = torch.device(device)
-    gen_net, disc_net = ConditionalGenerator(cfg).to(dev), ConditionalDiscriminator(cfg).to(dev)
-    ema = copy.deepcopy(gen_net).eval()
-    opt_g = torch.optim.Adam(gen_net.parameters(), lr=spec.lr_generator, betas=spec.betas)
-    opt_d = torch.optim.Adam(disc_net.parameters(), lr=spec.lr_discriminator, betas=spec.betas)
-    d_loss_fn = _hinge_d if spec.loss == "hinge" else _bce_d
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    state = load_checkpoint(
-        checkpoint,
-        lambda s: _check_cgan_state(s, {"generator": gen_net, "discriminator": disc_net, "ema": ema}, spec.epochs),
-    )
-    if state is not None:
-        gen_net.load_state_dict(state["generator"])
-        disc_net.load_state_dict(state["discriminator"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        rng.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        history = [dict(zip(("epoch", "loss_d", "loss_g"), row, strict=True)) for row in state["history"].tolist()]
-        start_epoch = int(state["epoch"])
-        log.info("resuming generator training at epoch %d from %s", start_epoch, checkpoint)
-
-    images = torch.from_numpy(data.images)
-    labels = torch.from_numpy(data.labels.astype(np.int64))
-    masks = None if not spec.with_masks or data.masks is None else torch.from_numpy(data.masks.astype(np.int64))
-    n = len(images)
-    batch = min(spec.batch_size, n)
-    amp = dev.type == "cuda" and spec.amp
-    global_step = start_epoch * (n // batch)
-    for epoch in range(start_epoch, spec.epochs):
-        gen_net.train()
-        disc_net.train()
-        order = torch.randperm(n, generator=rng)
-        sums = {"loss_d": 0.0, "loss_g": 0.0}
-        steps = 0
-        for start in range(0, n - batch + 1, batch):
-            idx = order[start : start + batch]
-            flip = torch.rand(len(idx), generator=rng) < 0.5
-            x = images[idx].clone()
-            x[flip] = x[flip].flip(-1)
-            m = None
-            if masks is not None:
-                m = masks[idx].clone()
-                m[flip] = m[flip].flip(-1)
-            onehot = F.one_hot(labels[idx], cfg.n_labels).float().to(dev)
-            real = _real_input(x, m, cfg.mask_classes).to(dev)
-            z = torch.randn(len(idx), cfg.latent_dim, generator=rng).to(dev)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                fake_img, fake_mask = split_outputs(gen_net(z, onehot).float(), cfg)
-                fake = fake_img if fake_mask is None else torch.cat([fake_img, fake_mask], 1)
-                d_real, d_fake = real, fake
-                if spec.diffaugment:
-                    d_real, d_fake = diff_augment(real, rng), diff_augment(fake, rng)
-                loss_d = d_loss_fn(disc_net(d_real, onehot).float(), disc_net(d_fake.detach(), onehot).float())
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss_g = _g_loss(spec.loss, disc_net(d_fake, onehot).float())
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            global_step += 1
-            decay = min(ema_decay, (1.0 + global_step) / (10.0 + global_step))  # warm-up
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), gen_net.parameters(), strict=True):
-                    p_ema.lerp_(p, 1.0 - decay)
-                for b_ema, b in zip(ema.buffers(), gen_net.buffers(), strict=True):
-                    b_ema.copy_(b)
-            sums["loss_d"] += float(loss_d.detach())
-            sums["loss_g"] += float(loss_g.detach())
-            steps += 1
-        row = {"epoch": float(epoch + 1), **{k: v / max(steps, 1) for k, v in sums.items()}}
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, row)
-        if checkpoint is not None and ((epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs):
-            _save_checkpoint(
-                Path(checkpoint),
-                {
-                    "generator": gen_net.state_dict(),
-                    "discriminator": disc_net.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "rng": rng.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": torch.tensor([[r["epoch"], r["loss_d"], r["loss_g"]] for r in history]),
-                    "epoch": epoch + 1,
-                },
-            )
-    return TrainResult(
-        generator={k: v.detach().cpu() for k, v in ema.state_dict().items()},
-        config=cfg,
-        history=history,
-        time_s=time.perf_counter() - started,
-        resumed_from_epoch=start_epoch,
-    )
 
 
 def _checkpoint_digest_path(path: Path) -> Path:
@@ -323,19 +196,7 @@ def _check_epoch(state: dict[str, Any], epochs: int) -> None:
         raise ValueError(f"epoch {epoch!r} is outside 0..{epochs}")
 
 
-def _check_cgan_state(state: dict[str, Any], modules: dict[str, torch.nn.Module], epochs: int) -> None:
-    for name, module in modules.items():
-        _check_module_state(name, state[name], module)
-    for key in ("opt_g", "opt_d"):
-        if not isinstance(state[key], dict):
-            raise ValueError(f"{key}: expected an optimiser state")
-    history = state["history"]
-    if not isinstance(history, torch.Tensor) or history.ndim != 2 or history.shape[1] != 3:
-        raise ValueError("history: expected an (epochs, 3) tensor")
-    _check_epoch(state, epochs)
-
-
-# --- shared harness of the zoo architectures (dcgan, vae, ddpm, pix2pix) -------------------
+# --- the training loop of every architecture ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -352,23 +213,48 @@ class Batch:
 class StepContext:
     """What a training step may use: the device, bf16 autocast (CUDA only), the seeded CPU
     generator ``rng`` for every random draw (so runs are reproducible and resumable), and
-    ``update`` (backward, gradient averaging across ranks under torchrun, optimiser step)."""
+    ``update`` (backward, gradient averaging across ranks under torchrun, optimiser step).
+
+    Under torchrun ``rng`` is in the same state on every rank (so rank 0's checkpoint resumes
+    all ranks). Draw through ``rand``/``randn``/``randint``/``augment``: each draws for the
+    ranks' whole batch (first dimension times ``world_size``) and hands this rank its own
+    rows, so the ranks use different noise and ``rng`` stays in step; in one process they
+    equal plain ``torch.rand``/``randn``/``randint``/``diff_augment`` calls on ``rng``."""
 
     device: torch.device
     amp: bool
     rng: torch.Generator
     world_size: int = 1
+    rank: int = 0
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
+    def _mine(self, draw: Callable[[tuple[int, ...]], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        if self.world_size == 1 or not shape:
+            return draw(shape).to(self.device)
+        rows = shape[0]
+        every = draw((rows * self.world_size, *shape[1:]))
+        return every[self.rank * rows : (self.rank + 1) * rows].to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """Uniform [0, 1) float32 ``shape`` (first dimension: this rank's batch) on the device."""
+        return self._mine(lambda s: torch.rand(s, generator=self.rng), shape)
+
     def randn(self, *shape: int) -> torch.Tensor:
-        """Standard-normal float32 ``shape`` on the device, drawn on CPU from ``rng``."""
-        return torch.randn(*shape, generator=self.rng).to(self.device)
+        """Standard-normal float32 ``shape`` (first dimension: this rank's batch) on the
+        device, drawn on CPU from ``rng``."""
+        return self._mine(lambda s: torch.randn(s, generator=self.rng), shape)
 
     def randint(self, high: int, *shape: int) -> torch.Tensor:
-        """int64 ``shape`` uniform in [0, high) on the device, drawn on CPU from ``rng``."""
-        return torch.randint(0, high, shape, generator=self.rng).to(self.device)
+        """int64 ``shape`` (first dimension: this rank's batch) uniform in [0, high) on the
+        device, drawn on CPU from ``rng``."""
+        return self._mine(lambda s: torch.randint(0, high, s, generator=self.rng), shape)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """``diff_augment(x, rng)`` with this rank's own translations and cutouts; ``x``
+        float32 (B, C, H, W) -> same shape and dtype."""
+        return diff_augment(x, self.rng, rank=self.rank, world_size=self.world_size)
 
     def update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, network: torch.nn.Module) -> None:
         """Zero ``optimizer``'s gradients, backpropagate ``loss``, average ``network``'s
@@ -421,7 +307,7 @@ class TrainedGenerator:
 
 
 def make_optimizer(spec: TrainSpec, network: torch.nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam with the spec's ``betas`` (as ``train_cgan``)."""
+    """Adam with the spec's ``betas``."""
     return torch.optim.Adam(network.parameters(), lr=lr, betas=spec.betas)
 
 
@@ -431,6 +317,14 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _broadcast_buffers(networks: Iterable[torch.nn.Module]) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics, spectral-norm
+    vectors), as torch's DistributedDataParallel does, so the ranks' networks stay equal."""
+    for network in networks:
+        for buffer in network.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 def _average_gradients(network: torch.nn.Module, world_size: int) -> None:
@@ -465,9 +359,12 @@ def fit(
 
     Under torchrun (a torch.distributed group initialised by the caller) every rank draws
     the same permutation and takes its own equal share of it, ``spec.batch_size`` is the
-    per-rank batch, gradients are averaged in ``StepContext.update``, rank 0 alone writes
-    checkpoints, and epoch losses in the history are rank 0's. Networks must be built from
-    the same seed on every rank (the architectures' train functions seed with ``spec.seed``).
+    per-rank batch, each rank flips and draws its own noise (``StepContext``), gradients are
+    averaged in ``StepContext.update``, buffers are broadcast from rank 0 after every step,
+    epoch losses in the history are averaged over the ranks, and rank 0 alone writes
+    checkpoints (they resume every rank: the seeded generator is in step on all ranks).
+    Networks must be built from the same seed on every rank (the architectures' train
+    functions seed with ``spec.seed``); every rank returns the same result.
     """
     started = time.perf_counter()
     rank, world = _world()
@@ -500,7 +397,7 @@ def fit(
         raise DataError(f"{len(images)} training images cannot be shared by {world} ranks; use fewer processes")
     batch = min(spec.batch_size, share)
     steps_per_epoch = share // batch
-    ctx = StepContext(dev, dev.type == "cuda" and spec.amp, rng, world)
+    ctx = StepContext(dev, dev.type == "cuda" and spec.amp, rng, world, rank)
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, spec.epochs):
         for network in recipe.networks.values():
@@ -509,7 +406,7 @@ def fit(
         sums: dict[str, float] = {}
         for start in range(0, steps_per_epoch * batch, batch):
             idx = order[start : start + batch]
-            flip = torch.rand(len(idx), generator=rng) < 0.5
+            flip = torch.rand(batch * world, generator=rng)[rank * batch : (rank + 1) * batch] < 0.5
             x = images[idx].clone()
             x[flip] = x[flip].flip(-1)
             m = None
@@ -518,6 +415,8 @@ def fit(
                 m[flip] = m[flip].flip(-1)
                 m = m.to(dev)
             losses = recipe.step(Batch(x.to(dev), labels[idx].to(dev), m), ctx)
+            if world > 1:
+                _broadcast_buffers(recipe.networks.values())
             global_step += 1
             decay = min(ema_decay, (1.0 + global_step) / (10.0 + global_step))  # warm-up
             with torch.no_grad():
@@ -527,6 +426,10 @@ def fit(
                     b_ema.copy_(b)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+        if world > 1:  # the mean over every rank's steps
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=dev)
+            torch.distributed.all_reduce(totals)
+            sums = dict(zip(sums, (totals / world).tolist(), strict=True))
         row = {"epoch": float(epoch + 1), **{k: v / steps_per_epoch for k, v in sums.items()}}
         history.append(row)
         if on_epoch is not None:
@@ -570,11 +473,17 @@ def _check_fit_state(state: dict[str, Any], recipe: Recipe, ema: torch.nn.Module
     _check_epoch(state, epochs)
 
 
+#: architectures whose train function does not run through ``fit`` (the controls learn no
+#: weights): ``train_generator`` refuses them under torchrun instead of training them N times
+SINGLE_PROCESS = frozenset({"noise", "blobs", "real-holdout"})
+
 # architecture -> (module, train function); imported lazily because the modules import this one
 _TRAINERS: dict[str, tuple[str, str]] = {
+    "cgan": ("generators.architectures.cgan", "train_cgan"),
     "dcgan": ("generators.architectures.dcgan", "train_dcgan"),
     "vae": ("generators.architectures.vae", "train_vae"),
     "ddpm": ("generators.architectures.ddpm", "train_ddpm"),
+    "ldm": ("generators.architectures.ldm", "train_ldm"),
     "pix2pix": ("generators.architectures.pix2pix", "train_pix2pix"),
     "noise": ("generators.architectures.controls", "train_noise"),
     "blobs": ("generators.architectures.controls", "train_blobs"),
@@ -591,20 +500,13 @@ def train_generator(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainedGenerator:
     """Train the architecture ``spec.architecture`` names on ``data``; resumable from
-    ``checkpoint``. ``cgan`` runs ``train_cgan`` unchanged."""
-    if spec.architecture == "cgan":
-        from generators.architectures.cgan import network_kwargs
-
-        result = train_cgan(data, spec, device=device, checkpoint=checkpoint, on_epoch=on_epoch)
-        return TrainedGenerator(
-            architecture="cgan",
-            state=result.generator,
-            network=network_kwargs(result.config),
-            labels=data.label_names,
-            mask_classes=result.config.mask_classes,
-            history=result.history,
-            time_s=result.time_s,
-            resumed_from_epoch=result.resumed_from_epoch,
+    ``checkpoint``. Every architecture but the controls trains through :func:`fit`, so also
+    data parallel under torchrun; the controls refuse a process group (one line)."""
+    _, world = _world()
+    if world > 1 and spec.architecture in SINGLE_PROCESS:
+        raise GeneratorError(
+            f"architecture '{spec.architecture}' is a control that learns no weights and runs in one process, "
+            f"got a torchrun group of {world}; start it without torchrun"
         )
     module_name, function_name = _TRAINERS[spec.architecture]
     train = getattr(importlib.import_module(module_name), function_name)

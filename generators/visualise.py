@@ -90,6 +90,8 @@ def interpolation_grid(generator: Any, rows: int = 4, steps: int = 8, seed: int 
     start = sample_latent(rows, lm.latent_dim, lm.latent_distribution, seed)
     end = sample_latent(rows, lm.latent_dim, lm.latent_distribution, seed + 1)
     path = torch.cat([interpolate_latents(start[r], end[r], steps, lm.latent_distribution) for r in range(rows)])
+    if lm.latent_shape:  # diffusion models: the walk is over their initial noise (C, h, w)
+        path = path.reshape(len(path), *lm.latent_shape)
     labels = None
     if lm.labels:
         labels = torch.arange(rows).repeat_interleave(steps) % len(lm.labels)
@@ -116,7 +118,8 @@ def visualise(
     if masks is not None:
         written["masks"] = save_png(masks, out / "masks.png")
     try:
-        latent_module(generator)
+        if hasattr(latent_module(generator).module, "mask_pool_masks"):
+            raise GeneratorError(f"{generator.card.ref}: its module needs masks besides the latent")
     except GeneratorError as exc:
         log.warning("no latent interpolation: %s", exc)
     else:

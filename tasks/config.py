@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from generators.errors import ConfigError
 from generators.safe_yaml import load_yaml
-from generators.train_spec import Seed, TrainSpec
+from generators.train_spec import MASK_CONDITIONED_ARCHITECTURES, Seed, TrainSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
@@ -160,6 +160,11 @@ class PreprocessSpec(Strict):
     max_aspect_ratio: float = Field(
         20.0, ge=1, le=1000, description="longest / shortest side of an image or slice above which it is rejected"
     )
+    allow_burned_in_annotation: bool = Field(
+        False,
+        description="ingest DICOM files marked BurnedInAnnotation YES (text in the pixels may identify the "
+        "patient); refused by default",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "PreprocessSpec":
@@ -205,7 +210,19 @@ class SynthesisSpec(Strict):
     ``generators/compiled.py``).
     Bounds (checked by ``synthmed validate``): counts are whole numbers in
     [0, :data:`MAX_IMAGES_PER_CLASS`]; ``seed`` in [0, 2**32 - 1]; ``shard_rows`` x image bytes
-    at most :data:`MAX_SHARD_BYTES`."""
+    at most :data:`MAX_SHARD_BYTES`.
+
+    ``masks_from`` (segmentation augmentation; needs a mask-conditioned generator and
+    ``retrain.task: segmentation``): make every image FOR a given mask, written with it as
+    the row's mask, bit for bit. ``train``: the real train split's masks, each with its
+    row's label; a folder (relative to the project root): one sub-folder per class label
+    holding 2D label maps (PNG or NIfTI ``.nii``/``.nii.gz``, integer class indices in
+    [0, K) for the generator's K mask classes; a {0, 255} mask is read as {0, 1}), padded to
+    a square and resized to ``preprocess.size`` by nearest neighbour as at ingest. Files
+    that cannot be read or hold other values or shapes are rejected with a reason (logged
+    and listed in the synthetic dataset's provenance), the rest used. Class ``c``'s images
+    cycle through class ``c``'s masks (image ``i`` gets mask ``i mod M_c``; a repeated mask
+    gets another seed); set ``counts`` to the number of masks for one image per mask."""
 
     count_per_class: ImageCount = 100
     counts: dict[str, ImageCount] = Field(default_factory=dict)
@@ -215,6 +232,20 @@ class SynthesisSpec(Strict):
     seed: Seed = 1234
     compile: Union[bool, Literal["auto"]] = "auto"
     compile_min_images: int = Field(20_000, ge=0)
+    masks_from: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="'train' (the real train split's masks) or a folder <label>/<mask file> of label maps: "
+        "generate images for these masks (mask-conditioned generator, segmentation pipeline)",
+    )
+
+    @field_validator("masks_from")
+    @classmethod
+    def _printable_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or not value.isprintable()):
+            raise ValueError("expected 'train' or a folder path (printable, not blank)")
+        return value
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -516,6 +547,24 @@ class PipelineConfig(Strict):
             raise ValueError(
                 "generator.train.architecture 'real-holdout' serves the real val split as synthetic data; "
                 "set retrain.select_on_val: false so val is not also used for model selection"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _masks_from_needs_a_mask_conditioned_generator(self) -> "PipelineConfig":
+        if self.synthesis.masks_from is None:
+            return self
+        if self.retrain.task != "segmentation":
+            raise ValueError(
+                f"synthesis.masks_from makes image+mask pairs for segmentation, but retrain.task is "
+                f"'{self.retrain.task}'; set retrain.task: segmentation (network: unet) or remove synthesis.masks_from"
+            )
+        train = self.generator.train  # a registry generator (id/query) is checked when synthesize loads it
+        if train is not None and not (train.architecture in MASK_CONDITIONED_ARCHITECTURES and train.with_masks):
+            raise ValueError(
+                f"synthesis.masks_from needs a mask-conditioned generator (pix2pix, or ddpm with with_masks: true), "
+                f"got generator.train.architecture '{train.architecture}' with with_masks: {str(train.with_masks).lower()}; "
+                "change the generator or remove synthesis.masks_from"
             )
         return self
 

@@ -31,28 +31,35 @@ is kept: ``disc/PAT-7/scan.dcm`` -> ``disc/3fa2c1d9e0b4/81bc2e07a9d1.dcm``. With
 :func:`locate_inputs` maps those back to the files on this machine. Hidden files and
 folders (names starting with ``.``) are skipped and listed in the rejects.
 
-Size limits (``preprocess.max_pixels``, ``max_voxels``, ``max_aspect_ratio``) are checked on
-each file's header before decoding (see :class:`tasks.readers.Limits`); padding to a square
+Size limits (``preprocess.max_pixels``, ``max_voxels``, ``max_aspect_ratio``; images and
+slices under 8 pixels on a side) are checked on each file's header before decoding (see
+:class:`tasks.reader_base.Limits`); padding to a square
 never allocates more than ``max_pixels`` per plane. A class that cannot reach every split
 (too few subjects) is ingested with one warning line and a note in the manifest.
 With ``preprocess.channels: 1`` a colour image (channels that differ by more than
 :data:`COLOUR_TOLERANCE` on average) is rejected rather than silently turned grey;
-grey images saved as RGB are converted.
+grey images saved as RGB are converted. A colour cine (multi-frame RGB/YBR/palette DICOM,
+ultrasound) gives one row per frame (uri ``#frame=NNN``) with ``channels: 3``.
+
+Masks: the CSV ``mask`` column, a DICOM SEG among the inputs (paired with the images it
+references), or a label map named ``<stem>_seg.nii.gz`` next to ``<stem>.*``
+(:mod:`tasks.ingest_sources`). Warnings that pydicom/nibabel raise while reading are
+logged once each, on one line, after the files are read (no tracebacks).
+
+Modules: :mod:`tasks.ingest_sources` (inputs, path safety, mask pairing),
+:mod:`tasks.readers` / :mod:`tasks.readers_dicom` (one reader per format),
+:mod:`tasks.ingest_pixels` (scaling, resizing), :mod:`tasks.ingest_splits` (splits).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import importlib.resources
 import logging
-import math
-import os
-import re
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -60,49 +67,67 @@ from PIL import Image
 
 from generators.errors import ConfigError, DataError
 from generators.shards import SPLITS, Row, from_unit_float, sha256_file, write_dataset, write_json_atomic
-from tasks.config import CsvSource, FolderSource, Mni152Source, PipelineConfig, PreprocessSpec
+from tasks.config import FolderSource, Mni152Source, PipelineConfig, PreprocessSpec
+from tasks.ingest_pixels import (
+    COLOUR_TOLERANCE,
+    FOREGROUND_THRESHOLD,
+    MAX_PAD_PIXELS,
+    check_grey,
+    foreground_fraction,
+    pad_resize,
+    pad_resize_mask,
+    scale_intensity,
+    to_channels,
+)
+from tasks.ingest_sources import (
+    CSV_OPTIONAL,
+    CSV_REQUIRED,
+    MNI152_FILES,
+    Input,
+    csv_inputs,
+    folder_inputs,
+    locate_inputs,
+    mni152_files,
+    pair_masks,
+    printable_file,
+)
+from tasks.ingest_splits import allocate_groups, assign_splits, split_notes
 from tasks.paths import PipelinePaths
-from tasks.pseudonym import key_id, key_source, pseudonymise, pseudonymise_path, warn_if_default_key
-from tasks.readers import Decoded, Limits, ReadError, cut_volume, file_format, one_line, read_image, read_mask
+from tasks.pseudonym import key_id, key_source, pseudonymise, warn_if_default_key
+from tasks.reader_base import Decoded, Limits, ReadError, library_line
+from tasks.readers import cut_volume, read_image, read_mask
 from tasks.storage import localize_source
+
+__all__ = [  # names other modules import from here (kept when the module was split)
+    "COLOUR_TOLERANCE",
+    "CSV_OPTIONAL",
+    "CSV_REQUIRED",
+    "FOREGROUND_THRESHOLD",
+    "MAX_PAD_PIXELS",
+    "MNI152_FILES",
+    "allocate_groups",
+    "assign_splits",
+    "foreground_fraction",
+    "ingest",
+    "locate_inputs",
+    "mni152_files",
+    "pad_resize",
+    "pad_resize_mask",
+    "row_id",
+    "scale_intensity",
+    "to_channels",
+]
 
 logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 1024
-FOREGROUND_THRESHOLD = 0.1  # scaled intensity in [0, 1] above which a pixel is foreground
-COLOUR_TOLERANCE = 0.03  # mean channel spread in [0, 1] up to which an RGB image counts as grey
 ID_HEX_CHARS = 16
-MAX_PAD_PIXELS = 4096 * 4096  # a plane is padded to a square only up to this size, else resized first
 MAX_REJECTS_LOGGED = 20
-CSV_REQUIRED = ("image", "label", "subject")
-CSV_OPTIONAL = ("mask",)
-MNI152_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
 MNI152_URI = "nilearn:mni152_2009a_t1_1mm"
 MNI152_SUBJECT = "mni152"
 
 
 # --------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class _Input:
-    """One input file. ``file``: posix path relative to the dataset root, pseudonymised
-    (:func:`pseudonymise_path`; for rejects and uris); ``subject``: pseudonym from the CSV or
-    subject_regex, else None (then the file's own PatientID, else ``stem_subject``);
-    ``key``: what makes two inputs the same file (never written out); ``line``: CSV line."""
-
-    file: str
-    path: Path
-    label: str
-    subject: str | None
-    stem_subject: str
-    key: str
-    mask_path: Path | None = None
-    line: int | None = None
-
-
 @dataclass(frozen=True)
 class _Draft:
     """One encoded row waiting for its split; ``record`` as from ``Row.to_record``."""
@@ -130,94 +155,7 @@ def row_id(uri: str) -> str:
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:ID_HEX_CHARS]
 
 
-# --------------------------------------------------------------------------- pixels
-def scale_intensity(array: np.ndarray, eight_bit: bool, clip_percentiles: tuple[float, float]) -> np.ndarray:
-    """Raw samples -> float32 in [0, 1]. 8-bit: ``/255``. Otherwise clip at the array's
-    own ``clip_percentiles`` and stretch; when those coincide (a mostly constant array)
-    min/max are used instead, and a constant array becomes all zeros."""
-    data = array.astype(np.float32, copy=False)
-    if eight_bit:
-        return np.clip(data / np.float32(255.0), 0.0, 1.0)
-    lo, hi = (float(v) for v in np.percentile(data, clip_percentiles))
-    if hi <= lo:
-        lo, hi = float(data.min()), float(data.max())
-    if hi <= lo:
-        return np.zeros_like(data)
-    return np.clip((data - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
-
-
-def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """``(C, H, W)`` float -> ``(channels, H, W)``: RGB to grey by ITU-R 601 luma, grey
-    to RGB by repetition."""
-    if image.shape[0] == channels:
-        return image
-    if channels == 1:
-        weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)[:, None, None]
-        return (image * weights).sum(axis=0, keepdims=True, dtype=np.float32)
-    return np.repeat(image, channels, axis=0)
-
-
-def _pad_square(plane: np.ndarray) -> np.ndarray:
-    h, w = plane.shape
-    side = max(h, w)
-    if h == w:
-        return plane
-    if side * side > MAX_PAD_PIXELS:
-        raise ReadError(
-            f"plane of {h} x {w} pixels would need a {side} x {side} padded square; expected at most "
-            f"{MAX_PAD_PIXELS} pixels: crop the file"
-        )
-    top, left = (side - h) // 2, (side - w) // 2
-    out = np.zeros((side, side), dtype=plane.dtype)
-    out[top : top + h, left : left + w] = plane
-    return out
-
-
-def _shrink(plane: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
-    """An ``(H, W)`` plane whose padded square would exceed :data:`MAX_PAD_PIXELS`, resized
-    first so that its long side is ``size`` (aspect kept, short side >= 1); bounded memory."""
-    h, w = plane.shape
-    scale = size / max(h, w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    return np.asarray(Image.fromarray(plane).resize((new_w, new_h), resample))
-
-
-def pad_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """``(C, H, W)`` float32 in [0, 1] -> ``(C, size, size)``: zero-pad to a centred
-    square, then Pillow's antialiased bilinear resize (per channel). A plane whose padded
-    square would exceed :data:`MAX_PAD_PIXELS` is resized first (long side -> ``size``),
-    then padded, so memory stays bounded by the input's own size."""
-    planes = []
-    for plane in image:
-        if max(plane.shape) ** 2 > MAX_PAD_PIXELS:
-            plane = _shrink(np.ascontiguousarray(plane, dtype=np.float32), size, Image.Resampling.BILINEAR)
-        square = _pad_square(np.ascontiguousarray(plane, dtype=np.float32))
-        if square.shape[0] != size:
-            square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
-        planes.append(square)
-    return np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)
-
-
-def pad_resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W)`` uint8 class indices -> ``(size, size)`` uint8, centred pad + nearest
-    (resize first when the padded square would exceed :data:`MAX_PAD_PIXELS`)."""
-    if max(mask.shape) ** 2 > MAX_PAD_PIXELS:
-        mask = _shrink(np.ascontiguousarray(mask, dtype=np.uint8), size, Image.Resampling.NEAREST)
-    square = _pad_square(np.ascontiguousarray(mask, dtype=np.uint8))
-    if square.shape[0] != size:
-        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.NEAREST))
-    return square.astype(np.uint8)
-
-
-def foreground_fraction(image: np.ndarray, mask: np.ndarray | None) -> float:
-    """Fraction of pixels that are foreground: ``mask > 0`` when a mask is given, else
-    mean-over-channels intensity above :data:`FOREGROUND_THRESHOLD` (image in [0, 1])."""
-    if mask is not None:
-        return float(np.count_nonzero(mask)) / mask.size
-    grey = image.mean(axis=0)
-    return float(np.count_nonzero(grey > FOREGROUND_THRESHOLD)) / grey.size
-
-
+# --------------------------------------------------------------------------- drafts
 def _dtype(spec: PreprocessSpec) -> str:
     return "uint8" if spec.bit_depth == 8 else "uint16"
 
@@ -246,17 +184,33 @@ def _image_drafts(
             f"mask shape {mask.shape} differs from image shape {decoded.array.shape[1:]}; expected equal: "
             "fix the mask or remove the row"
         )
-    unit = scale_intensity(decoded.array, decoded.eight_bit, spec.clip_percentiles)
+    return [
+        _draft(
+            uri, subject, subject, label, _unit_image(decoded.array, decoded.eight_bit, spec), _small(mask, spec), spec
+        )
+    ]
+
+
+def _unit_image(array: np.ndarray, eight_bit: bool, spec: PreprocessSpec) -> np.ndarray:
+    """``(C, H, W)`` raw samples -> ``(spec.channels, size, size)`` float32 in [0, 1];
+    ReadError for colour where grey is expected."""
+    unit = scale_intensity(array, eight_bit, spec.clip_percentiles)
     if spec.channels == 1 and unit.shape[0] == 3:
-        spread = float(np.mean(unit.max(axis=0) - unit.min(axis=0)))
-        if spread > COLOUR_TOLERANCE:
-            raise ReadError(
-                f"colour image (mean channel spread {spread:.2f} > {COLOUR_TOLERANCE}) where grey is expected "
-                "(preprocess.channels: 1); set preprocess.channels: 3 or convert the file to grey"
-            )
-    image = pad_resize(to_channels(unit, spec.channels), spec.size)
-    small_mask = None if mask is None else pad_resize_mask(mask, spec.size)
-    return [_draft(uri, subject, subject, label, image, small_mask, spec)]
+        check_grey(unit)
+    return pad_resize(to_channels(unit, spec.channels), spec.size)
+
+
+def _small(mask: np.ndarray | None, spec: PreprocessSpec) -> np.ndarray | None:
+    return None if mask is None else pad_resize_mask(mask, spec.size)
+
+
+def _frame_drafts(decoded: Decoded, spec: PreprocessSpec, uri: str, subject: str, label: str) -> list[_Draft]:
+    """A colour cine ``(F, 3, H, W)`` -> one row per frame (``uri#frame=NNN``), all in the
+    subject's split group; a colour frame with ``channels: 1`` rejects the file."""
+    return [
+        _draft(f"{uri}#frame={k:03d}", subject, subject, label, _unit_image(frame, decoded.eight_bit, spec), None, spec)
+        for k, frame in enumerate(decoded.array)
+    ]
 
 
 def _volume_drafts(
@@ -274,6 +228,7 @@ def _volume_drafts(
     axis = spec.slice_axis
     plane = [n for i, n in enumerate(volume.shape) if i != axis]
     _limits(spec).check_aspect(plane[1], plane[0])
+    _limits(spec).check_small(plane[1], plane[0])
     unit = scale_intensity(volume, eight_bit, spec.clip_percentiles)
     slab = spec.split.slab_slices
     drafts: list[_Draft] = []
@@ -295,19 +250,27 @@ def _volume_drafts(
 
 
 def _limits(spec: PreprocessSpec) -> Limits:
-    return Limits(spec.max_pixels, spec.max_voxels, spec.max_aspect_ratio)
+    return Limits(
+        spec.max_pixels,
+        spec.max_voxels,
+        spec.max_aspect_ratio,
+        allow_burned_in_annotation=bool(getattr(spec, "allow_burned_in_annotation", False)),
+    )
 
 
-def _process(item: _Input, spec: PreprocessSpec) -> _Outcome:
+def _process(item: Input, spec: PreprocessSpec) -> _Outcome:
     """Read, preprocess and encode one input file; per-file problems (including files over
     the size limits, checked before decoding) become a reject."""
     try:
         decoded = read_image(item.path, _limits(spec))
-        mask = None if item.mask_path is None else read_mask(item.mask_path, _limits(spec))
+        mask = item.mask if item.mask_path is None else read_mask(item.mask_path, _limits(spec))
         subject = item.subject or decoded.subject or item.stem_subject
         if decoded.kind == "image":
-            drafts = _image_drafts(decoded, mask, spec, item.file, subject, item.label)
-            return _Outcome(drafts=drafts)
+            return _Outcome(drafts=_image_drafts(decoded, mask, spec, item.file, subject, item.label))
+        if decoded.kind == "frames":
+            if mask is not None:
+                raise ReadError("mask given for a colour cine; expected masks for single images or volumes only")
+            return _Outcome(drafts=_frame_drafts(decoded, spec, item.file, subject, item.label))
         drafts, dropped = _volume_drafts(
             decoded.array,
             decoded.eight_bit,
@@ -324,274 +287,6 @@ def _process(item: _Input, spec: PreprocessSpec) -> _Outcome:
         return _reject(
             item.file, "out of memory while decoding; lower preprocess.max_pixels/max_voxels or shrink the file"
         )
-
-
-# --------------------------------------------------------------------------- paths
-def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` (symlinks resolved) lies inside ``root`` (already resolved)."""
-    return path.resolve().is_relative_to(root)
-
-
-def _stem(name: str) -> str:
-    lower = name.lower()
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom"):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _hidden(rel: PurePosixPath) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _printable(name: str) -> str:
-    """A file name safe for JSON/Parquet/logs: undecodable bytes as ``\\xNN``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def _printable_file(name: str) -> str:
-    """A reject's file on one line: undecodable bytes and control characters escaped."""
-    text = _printable(name)
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _source_dir(paths: PipelinePaths, configured: str, what: str) -> Path:
-    path = paths.root / configured
-    if not path.exists():
-        raise DataError(
-            f"{configured}: source {what} not found (relative to the project root); "
-            "fix source.path in pipelines.yaml or create the data"
-        )
-    return path
-
-
-# --------------------------------------------------------------------------- sources
-HIDDEN_REASON = "hidden {what} (name starts with '.'), skipped; rename it without the dot to ingest it"
-
-
-def _hidden_reject(rel: str, keep: int, is_dir: bool) -> dict[str, str]:
-    what = "folder" if is_dir else "file"
-    return {"file": pseudonymise_path(rel, keep) + ("/" if is_dir else ""), "reason": HIDDEN_REASON.format(what=what)}
-
-
-def _folder_inputs(src: FolderSource, paths: PipelinePaths) -> tuple[list[_Input], list[dict[str, str]]]:
-    """Inputs below ``src.path`` (one sub-folder per class). Paths in inputs and rejects
-    are pseudonymised below the class folder; hidden files and folders are rejected
-    (listed, not read)."""
-    root = _source_dir(paths, src.path, "folder")
-    if not root.is_dir():
-        raise DataError(f"{src.path}: expected a folder with one sub-folder per class, got a file; fix source.path")
-    try:
-        pattern = re.compile(src.subject_regex) if src.subject_regex else None
-    except re.error as exc:
-        raise ConfigError(f"source.subject_regex: invalid regular expression ({exc}); fix the pattern") from None
-    real_root = root.resolve()
-    inputs: list[_Input] = []
-    rejects: list[dict[str, str]] = []
-    entries = sorted(root.iterdir(), key=lambda p: p.name)
-    classes = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
-    for entry in entries:
-        if entry.name.startswith("."):
-            is_dir = entry.is_dir()
-            rejects.append(_hidden_reject(entry.name, 1 if is_dir else 0, is_dir))  # a class folder name is kept
-        elif entry.is_file() and file_format(entry) is not None:
-            rejects.append(
-                {
-                    "file": pseudonymise_path(entry.name),
-                    "reason": f"image outside any class sub-folder; move it into {src.path}/<label>/",
-                }
-            )
-    for class_dir in classes:
-        files: list[Path] = []
-        for path in sorted(class_dir.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
-            parts = PurePosixPath(path.relative_to(root).as_posix()).parts
-            hidden = [i for i, part in enumerate(parts) if part.startswith(".")]
-            if hidden and hidden[0] == len(parts) - 1:  # the entry itself is hidden (not inside a hidden folder)
-                rejects.append(_hidden_reject("/".join(parts), 1, path.is_dir()))
-            elif not hidden and path.is_file():
-                files.append(path)
-        for path in files:
-            rel = path.relative_to(root).as_posix()
-            shown = pseudonymise_path(rel, keep=1)
-            if not _utf8(rel):
-                rejects.append({"file": shown, "reason": "file or folder name is not valid UTF-8; rename it"})
-                continue
-            if not _inside(path, real_root):
-                rejects.append({"file": shown, "reason": "path escapes the dataset root (symlink); copy the file in"})
-                continue
-            if file_format(path) is None:
-                rejects.append(
-                    {
-                        "file": shown,
-                        "reason": "unsupported file type; expected PNG, JPEG, DICOM or NIfTI: convert or remove it",
-                    }
-                )
-                continue
-            subject = None
-            if pattern is not None:
-                inner = path.relative_to(class_dir).as_posix()
-                match = pattern.search(inner)
-                group = 1 if pattern.groups else 0
-                if match is None or not match.group(group).strip():
-                    rejects.append(
-                        {
-                            "file": shown,
-                            "reason": f"source.subject_regex {src.subject_regex!r} does not match; "
-                            "fix the pattern or rename the file",
-                        }
-                    )
-                    continue
-                subject = pseudonymise(match.group(group))
-            inputs.append(
-                _Input(
-                    file=shown,
-                    path=path,
-                    label=class_dir.name,
-                    subject=subject,
-                    stem_subject=pseudonymise(_stem(path.name).strip() or path.name),
-                    key=rel,
-                )
-            )
-    if not inputs and not rejects:
-        raise DataError(
-            f"{src.path}: no image files found; expected one sub-folder per class holding "
-            f"PNG/JPEG/DICOM/NIfTI files (e.g. {src.path}/<label>/scan01.png); add images or fix source.path"
-        )
-    return inputs, rejects
-
-
-def locate_inputs(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Path]:
-    """``{pseudonymised file: path on this machine}`` for a folder or CSV source, computed
-    with the current pseudonym key and never written anywhere: how a person who holds the
-    key finds the file behind a row's ``source`` or a reject's ``file``."""
-    src = cfg.source
-    if isinstance(src, FolderSource):
-        root = _source_dir(paths, src.path, "folder")
-        return {pseudonymise_path(p.relative_to(root).as_posix(), keep=1): p for p in sorted(root.rglob("*"))}
-    if isinstance(src, CsvSource):
-        csv_file = _source_dir(paths, src.path, "CSV")
-        root = paths.root / src.root if src.root else csv_file.parent
-        return {pseudonymise_path(p.relative_to(root).as_posix()): p for p in sorted(root.rglob("*"))}
-    return {}
-
-
-def _csv_path(entry: str, root: Path, real_root: Path) -> tuple[Path | None, str | None]:
-    """Resolve one CSV path entry; returns (path, None) or (None, reason)."""
-    try:
-        candidate = Path(entry)
-        full = candidate if candidate.is_absolute() else root / candidate
-        if not _inside(full, real_root):
-            return None, "path escapes the dataset root; keep images under the CSV root"
-        if not full.is_file():
-            return None, "file not found under the CSV root; fix the path in the CSV"
-    except (ValueError, OSError) as exc:  # NUL byte, name too long, ...
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # no machine path
-        return None, f"unusable path ({type(exc).__name__}: {one_line(detail, 80)}); fix the path in the CSV"
-    return full, None
-
-
-def _csv_inputs(src: CsvSource, paths: PipelinePaths) -> tuple[list[_Input], list[dict[str, str]]]:
-    """Inputs listed in the CSV; image paths in inputs and rejects are pseudonymised."""
-    csv_file = _source_dir(paths, src.path, "CSV")
-    if not csv_file.is_file():
-        raise DataError(f"{src.path}: expected a CSV file, got a folder; point source.path at the CSV")
-    root = paths.root / src.root if src.root else csv_file.parent
-    if not root.is_dir():
-        raise DataError(f"{src.root}: CSV root folder not found (relative to the project root); fix source.root")
-    real_root = root.resolve()
-    try:
-        with open(csv_file, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [name.strip() for name in (reader.fieldnames or [])]
-            missing = [name for name in CSV_REQUIRED if name not in header]
-            if missing:
-                raise DataError(
-                    f"{src.path}: missing column(s) {', '.join(missing)}; required columns: "
-                    f"{', '.join(CSV_REQUIRED)} (optional: {', '.join(CSV_OPTIONAL)}); got: "
-                    f"{', '.join(header) or 'no header'}; add them to the header row"
-                )
-            doubled = sorted({name for name in header if header.count(name) > 1} & {*CSV_REQUIRED, *CSV_OPTIONAL})
-            if doubled:
-                raise DataError(
-                    f"{src.path}: column(s) {', '.join(doubled)} appear more than once in the header; keep one of each"
-                )
-            reader.fieldnames = header
-            lines = [(reader.line_num, row) for row in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(
-            f"{src.path}: unreadable CSV ({one_line(exc, 120)}); expected UTF-8 comma-separated text; fix the file"
-        ) from None
-    if not lines:
-        raise DataError(f"{src.path}: the CSV has a header but no rows; expected one row per image")
-    inputs: list[_Input] = []
-    rejects: list[dict[str, str]] = []
-    for line, row in lines:
-        image = (row.get("image") or "").strip()
-        label = (row.get("label") or "").strip()
-        subject = (row.get("subject") or "").strip()
-        mask_entry = (row.get("mask") or "").strip()
-        shown = pseudonymise_path(image)
-        if not image:
-            rejects.append(
-                {"file": f"{Path(src.path).name}:{line}", "reason": "empty image path; fill in the image column"}
-            )
-            continue
-        if not label:
-            rejects.append({"file": shown, "reason": f"missing label (CSV line {line}); fill in the label column"})
-            continue
-        if not subject:
-            rejects.append({"file": shown, "reason": f"missing subject (CSV line {line}); fill in the subject column"})
-            continue
-        path, problem = _csv_path(image, root, real_root)
-        if path is None:
-            rejects.append({"file": shown, "reason": f"{problem} (CSV line {line})"})
-            continue
-        mask_path = None
-        if mask_entry:
-            mask_path, problem = _csv_path(mask_entry, root, real_root)
-            if mask_path is None:
-                rejects.append({"file": shown, "reason": f"mask: {problem} (CSV line {line})"})
-                continue
-        real = path.resolve().relative_to(real_root).as_posix()
-        inputs.append(
-            _Input(
-                file=pseudonymise_path(real),
-                path=path,
-                label=label,
-                subject=pseudonymise(subject),
-                stem_subject=pseudonymise(subject),
-                key=real,
-                mask_path=mask_path,
-                line=line,
-            )
-        )
-    return inputs, rejects
-
-
-def mni152_files() -> dict[str, Path]:
-    """Paths of the MNI152 2009a 1 mm T1, GM and WM templates inside nilearn's package
-    data (the files ``nilearn.datasets.load_mni152_*_template(resolution=1)`` read; they
-    are shipped in the wheel, nothing is downloaded)."""
-    try:
-        base = importlib.resources.files("nilearn").joinpath("datasets", "data")
-    except ModuleNotFoundError:
-        raise DataError("source kind 'mni152' needs nilearn; install it with `pip install nilearn`") from None
-    files = {key: Path(str(base.joinpath(name))) for key, name in MNI152_FILES.items()}
-    missing = [p.name for p in files.values() if not p.is_file()]
-    if missing:
-        raise DataError(
-            f"nilearn package data lacks {', '.join(missing)}; expected the MNI152 2009a templates "
-            "shipped with nilearn >= 0.10; reinstall nilearn"
-        )
-    return files
 
 
 def _mni152_outcome(src: Mni152Source, spec: PreprocessSpec) -> tuple[_Outcome, dict[str, str]]:
@@ -631,47 +326,6 @@ def _mni152_outcome(src: Mni152Source, spec: PreprocessSpec) -> tuple[_Outcome, 
     return _Outcome(drafts=drafts, dropped_slices=dropped), digests
 
 
-# --------------------------------------------------------------------------- splits
-def allocate_groups(n: int, fractions: dict[str, float]) -> dict[str, int]:
-    """How many of ``n`` groups each split gets: largest-remainder rounding, then at
-    least one group per split with a positive fraction when ``n`` allows; with fewer
-    groups than such splits, train is filled first, then test, then val."""
-    positive = [s for s in ("train", "test", "val") if fractions[s] > 0]
-    if n <= len(positive):
-        return {s: int(s in positive[:n]) for s in SPLITS}
-    raw = {s: round(fractions[s] * n, 9) for s in SPLITS}
-    counts = {s: math.floor(raw[s]) for s in SPLITS}
-    by_remainder = sorted(SPLITS, key=lambda s: (-(raw[s] - counts[s]), SPLITS.index(s)))
-    for s in by_remainder[: n - sum(counts.values())]:
-        counts[s] += 1
-    for s in positive:
-        if counts[s] == 0:
-            donor = max(positive, key=lambda d: (counts[d], -positive.index(d)))
-            counts[donor] -= 1
-            counts[s] += 1
-    return counts
-
-
-def assign_splits(group_labels: dict[str, list[str]], fractions: dict[str, float], seed: int) -> dict[str, str]:
-    """``{group: split}``, stratified by each group's majority label (ties: the smallest
-    label). Within a stratum groups are ordered by sha256 of ``seed``/label/group, so the
-    result depends only on the seed and the group ids, never on input order."""
-    strata: dict[str, list[str]] = {}
-    for group in sorted(group_labels):
-        counts = Counter(group_labels[group])
-        majority = min(counts, key=lambda label: (-counts[label], label))
-        strata.setdefault(majority, []).append(group)
-    assignment: dict[str, str] = {}
-    for label in sorted(strata):
-        groups = sorted(strata[label], key=lambda g: hashlib.sha256(f"{seed}\x00{label}\x00{g}".encode()).hexdigest())
-        start = 0
-        for split, count in allocate_groups(len(groups), fractions).items():
-            for group in groups[start : start + count]:
-                assignment[group] = split
-            start += count
-    return assignment
-
-
 # --------------------------------------------------------------------------- stage
 def _check_preprocess(spec: PreprocessSpec) -> None:
     lo, hi = spec.clip_percentiles
@@ -679,25 +333,6 @@ def _check_preprocess(spec: PreprocessSpec) -> None:
         raise ConfigError(f"preprocess.clip_percentiles: got {spec.clip_percentiles}; expected 0 <= low < high <= 100")
     if spec.bit_depth == 16 and spec.channels == 3:
         raise ConfigError("preprocess.bit_depth: 16-bit is stored for grey only; set channels: 1 or bit_depth: 8")
-
-
-def _split_notes(drafts: list[_Draft], splits: dict[str, str], fractions: dict[str, float]) -> list[str]:
-    """One line per class that has no rows in some split with a positive fraction (too
-    few subjects or slabs of that class to honour the split); empty when all is well."""
-    seen: dict[str, set[str]] = {}
-    groups: dict[str, set[str]] = {}
-    for draft in drafts:
-        seen.setdefault(draft.label, set()).add(splits[draft.group])
-        groups.setdefault(draft.label, set()).add(draft.group)
-    notes = []
-    for label in sorted(seen):
-        missing = [s for s in SPLITS if fractions[s] > 0 and s not in seen[label]]
-        if missing:
-            notes.append(
-                f"class {label!r} has {len(groups[label])} split group(s) (subjects or slabs) and no rows in "
-                f"{', '.join(missing)}; add subjects of this class or set preprocess.split.slab_slices"
-            )
-    return notes
 
 
 def _write_rejects(paths: PipelinePaths, rejects: list[dict[str, str]]) -> None:
@@ -712,12 +347,26 @@ def _log_rejects(rejects: list[dict[str, str]], rejects_path: str) -> None:
         logger.warning("... and %d more rejected files, see %s", len(rejects) - MAX_REJECTS_LOGGED, rejects_path)
 
 
-def _run_inputs(inputs: list[_Input], spec: PreprocessSpec, threads: int) -> Iterator[_Outcome]:
-    if threads <= 1 or len(inputs) <= 1:
-        yield from (_process(item, spec) for item in inputs)
-        return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        yield from pool.map(lambda item: _process(item, spec), inputs)
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings raised inside (by pydicom, nibabel, Pillow while reading inputs, in any
+    thread) are logged on leaving, once per distinct message, on one line each with quoted
+    values hidden, instead of Python's two-line ``file:line: Warning`` output."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    counts = Counter(f"{w.category.__name__}: {library_line(w.message)}" for w in caught)
+    for message, n in sorted(counts.items()):
+        logger.warning("while reading the inputs (%d time(s)): %s", n, message)
+
+
+def _run_inputs(inputs: list[Input], spec: PreprocessSpec, threads: int) -> list[_Outcome]:
+    """Process every input (in ``threads`` threads)."""
+    with _one_line_warnings():
+        if threads <= 1 or len(inputs) <= 1:
+            return [_process(item, spec) for item in inputs]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(lambda item: _process(item, spec), inputs))
 
 
 def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
@@ -740,11 +389,14 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         extra["template_sha256"] = digests
     else:
         if isinstance(src, FolderSource):
-            inputs, rejects = _folder_inputs(src, paths)
+            inputs, rejects = folder_inputs(src, paths)
         else:
-            inputs, rejects = _csv_inputs(src, paths)
-        unique: list[_Input] = []
-        first: dict[str, _Input] = {}
+            inputs, rejects = csv_inputs(src, paths)
+        with _one_line_warnings():
+            inputs, mask_rejects = pair_masks(inputs, _limits(spec))
+        rejects.extend(mask_rejects)
+        unique: list[Input] = []
+        first: dict[str, Input] = {}
         for item in inputs:
             if item.key in first:
                 where = f"at CSV lines {first[item.key].line} and {item.line}" if item.line else "twice"
@@ -759,7 +411,7 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             first[item.key] = item
             unique.append(item)
         n_inputs = len(inputs)
-        outcomes = list(_run_inputs(unique, spec, cfg.threads))
+        outcomes = _run_inputs(unique, spec, cfg.threads)
     drafts: list[_Draft] = []
     dropped = 0
     for outcome in outcomes:
@@ -767,7 +419,7 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             rejects.append(outcome.reject)
         drafts.extend(outcome.drafts)
         dropped += outcome.dropped_slices
-    rejects = [{"file": _printable_file(r["file"]), "reason": " ".join(r["reason"].split())} for r in rejects]
+    rejects = [{"file": printable_file(r["file"]), "reason": " ".join(r["reason"].split())} for r in rejects]
     ids = Counter(d.id for d in drafts)
     if any(n > 1 for n in ids.values()):
         raise DataError("internal: two inputs gave the same row id; report this with the input file list")
@@ -794,7 +446,7 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             ", ".join(empty),
             len(group_labels),
         )
-    notes = _split_notes(drafts, splits, fractions)
+    notes = split_notes(((d.label, d.group) for d in drafts), splits, fractions)
     for note in notes:
         logger.warning("%s", note)
     drafts.sort(key=lambda d: d.id)

@@ -24,6 +24,7 @@ import torch
 from generators.errors import SynthmedError
 from tasks import downstream
 from tasks.config import PipelineConfig
+from tasks.progress import Progress
 from tasks.runtime import setup_torch
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,12 @@ def execute_runs(inputs: RunInputs, runs: Sequence[Run], workers: int) -> dict[R
     batch = inputs.cfg.retrain.batch_size
     queue = sorted(dict.fromkeys(runs), key=lambda r: -r.steps * min(batch, len(r.real) + len(r.synthetic)))
     results: dict[Run, RunResult] = {}
+    counter = Progress("retrain", len(queue), "runs", every_s=20.0)
 
     def record(run: Run, result: RunResult) -> None:
         results[run] = result
-        logger.info(
+        counter.advance(1)
+        logger.debug(
             "run %d/%d: seed %d, %d real + %d synthetic, %d steps: %s (%.1f s)",
             len(results),
             len(queue),

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from generators.errors import DataError
 from generators.shards import MANIFEST_NAME, REWRITE_HINT, sha256_file, verify_dataset, write_json_atomic
+from tasks import summary
 from tasks.config import PipelineConfig
 from tasks.lock import pipeline_lock
 from tasks.paths import PipelinePaths
@@ -56,6 +57,12 @@ def source_paths(cfg: PipelineConfig, paths: PipelinePaths) -> list[Path]:
     return []
 
 
+def mask_paths(cfg: PipelineConfig, paths: PipelinePaths) -> list[Path]:
+    """The folder of ``synthesis.masks_from`` the synthesize stage reads (none for ``train``)."""
+    masks_from = cfg.synthesis.masks_from
+    return [] if masks_from in (None, "train") else [paths.root / masks_from]
+
+
 STAGES: dict[str, Stage] = {
     s.verb: s
     for s in (
@@ -68,7 +75,12 @@ STAGES: dict[str, Stage] = {
             fingerprint_extra=lambda: {"pseudonym_key_id": key_id()},  # a keyed digest, never the key
             code=(
                 "tasks/ingest.py",
+                "tasks/ingest_pixels.py",
+                "tasks/ingest_sources.py",
+                "tasks/ingest_splits.py",
                 "tasks/readers.py",
+                "tasks/reader_base.py",
+                "tasks/readers_dicom.py",
                 "tasks/pseudonym.py",
                 "tasks/storage.py",
                 "generators/shards.py",
@@ -92,11 +104,14 @@ STAGES: dict[str, Stage] = {
         Stage(
             "synthesize",
             "tasks.synthesize:synthesize",
-            lambda p, c: [p.real, p.generator],
+            lambda p, c: [p.real, p.generator, *mask_paths(c, p)],
             lambda p: [p.synthetic],
             ("device", "synthesis"),
             code=(
                 "tasks/synthesize.py",
+                "tasks/mask_sources.py",
+                "generators/seed_stream.py",
+                "generators/contract.py",
                 "generators/compiled.py",
                 "generators/registry.py",
                 "generators/architectures",
@@ -141,7 +156,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "report",
-            "tasks.report:report",
+            "tasks.summary:report_with_summary",
             lambda p, c: [
                 p.real,
                 p.synthetic,
@@ -152,19 +167,33 @@ STAGES: dict[str, Stage] = {
             ],
             lambda p: [p.reports],
             ("report",),
-            code=("tasks/report.py", "tasks/quality_report.py"),
+            lambda p: summary.outputs(p),  # summary.json (the DVC metrics) and the DVC plot files
+            code=("tasks/report.py", "tasks/quality_report.py", "tasks/summary.py"),
         ),
     )
 }
 ORDER: tuple[str, ...] = tuple(STAGES)
 
 
-PLOTS = ("retrain_seeds.csv",)
+UNCACHED_OUTS = ("retrain_seeds.csv",)  # small outputs kept in git (cache: false), like the metrics files
 
 
-def dvc_stages(pipeline: str, cfg: PipelineConfig, *, with_code: bool = True) -> dict[str, Any]:
-    """The ``dvc.yaml`` content for one pipeline, rendered from this table (one source of
-    truth; ``synthmed dvc-yaml`` prints it and a test checks the committed file)."""
+def _params(pipeline: str, stage: Stage, present: set[str] | None) -> list[dict[str, list[str]]]:
+    """The stage's ``params`` entry: only keys written in pipelines.yaml (``present``; None:
+    all), since DVC refuses a stage whose params are missing from the file; an absent key
+    means the default, which only changes with the code (a code dep)."""
+    keys = [f"pipelines.{pipeline}.{key}" for key in stage.params if present is None or key in present]
+    return [{"pipelines.yaml": keys}] if keys else []
+
+
+def dvc_stages(
+    pipeline: str, cfg: PipelineConfig, *, with_code: bool = True, present: set[str] | None = None
+) -> dict[str, Any]:
+    """The ``dvc.yaml`` stages of one pipeline, rendered from this table (one source of
+    truth; ``synthmed dvc-yaml`` prints it and a test checks the committed file).
+    ``present``: the pipeline's top-level keys written in pipelines.yaml (None: all).
+    ``summary.json`` is the stage's only DVC metrics file; the detailed JSON files and the
+    plot CSVs are outputs kept in git (``cache: false``)."""
     paths = PipelinePaths(Path("."), pipeline)
 
     def rel(p: Path) -> str:
@@ -176,29 +205,31 @@ def dvc_stages(pipeline: str, cfg: PipelineConfig, *, with_code: bool = True) ->
         entry: dict[str, Any] = {"cmd": f"synthmed stage {verb} --pipeline {pipeline}"}
         if deps or (with_code and stage.code):
             entry["deps"] = deps + (list(stage.code) if with_code else [])
-        entry["params"] = [{"pipelines.yaml": [f"pipelines.{pipeline}.{key}" for key in stage.params]}]
-        outs = [rel(p) for p in stage.outs(paths) if p.name not in PLOTS]
+        params = _params(pipeline, stage, present)
+        if params:
+            entry["params"] = params
+        uncached = [p for p in [*stage.outs(paths), *stage.metrics(paths)] if p.name in UNCACHED_OUTS]
+        uncached += [p for p in stage.metrics(paths) if p.name != summary.SUMMARY_NAME and p not in uncached]
+        outs: list[Any] = [rel(p) for p in stage.outs(paths) if p not in uncached]
+        outs += [{rel(p): {"cache": False}} for p in uncached]
         if outs:
             entry["outs"] = outs
-        metrics = [{rel(p): {"cache": False}} for p in stage.metrics(paths)]
+        metrics = [{rel(p): {"cache": False}} for p in stage.metrics(paths) if p.name == summary.SUMMARY_NAME]
         if metrics:
             entry["metrics"] = metrics
-        plots = [{rel(p): {"cache": False}} for p in stage.outs(paths) if p.name in PLOTS]
-        if plots:
-            entry["plots"] = plots
         stages[verb if pipeline == "demo" else f"{verb}-{pipeline}"] = entry
     return stages
 
 
-def dvc_yaml(pipeline: str, cfg: PipelineConfig, *, with_code: bool = True) -> dict[str, Any]:
-    """A whole ``dvc.yaml`` for one pipeline, with its loss-curve and per-seed plots."""
-    paths = PipelinePaths(Path("."), pipeline)
+def dvc_yaml(
+    pipeline: str, cfg: PipelineConfig, *, with_code: bool = True, present: set[str] | None = None
+) -> dict[str, Any]:
+    """A whole ``dvc.yaml`` for one pipeline: its stages and its plots
+    (:func:`tasks.summary.plot_definitions`). All pipelines of a file:
+    :func:`flows.versioning.render_dvc_yaml`."""
     return {
-        "stages": dvc_stages(pipeline, cfg, with_code=with_code),
-        "plots": [
-            {(paths.generator / "history.csv").as_posix(): {"x": "epoch", "y": ["loss_d", "loss_g"]}},
-            (paths.metrics / "retrain_seeds.csv").as_posix(),
-        ],
+        "stages": dvc_stages(pipeline, cfg, with_code=with_code, present=present),
+        "plots": summary.plot_definitions(cfg, PipelinePaths(Path("."), pipeline)),
     }
 
 

@@ -4,7 +4,8 @@ shards of ``data/<pipeline>/synthetic``.
 The plan (row ids, labels, shard boundaries, per-shard seeds) is fixed before any image
 is made, so every shard is independent: shards can run in parallel or be resumed, and
 the same config gives byte-identical shards. Shard ``k`` uses seed
-``synthesis.seed * 1_000_003 + k``; batch ``b`` inside it uses ``shard_seed * 1_009 + b``.
+``synthesis.seed * 1_000_003 + k``; row ``j`` of the shard is image ``j`` of that seed's
+per-image stream (``generators.seed_stream``), so ``batch_size`` does not change the bytes.
 
 Resume: a run that is killed or fails keeps its completed shards in
 ``data/<pipeline>/.synthetic.partial-<key>``; the next run with the same key (same
@@ -16,6 +17,12 @@ Throughput: the stage's own loop (no ``map_shards``) generates on the calling th
 hands each batch to one I/O thread that quantises, encodes and writes, in order, at most
 :data:`IO_QUEUE_DEPTH` jobs behind; so encoding and writing overlap with generation and
 the bytes are the same as made one after another (``benchmarks/bench_synthesis.py``).
+
+Masks given (``synthesis.masks_from``, segmentation augmentation; ``tasks/mask_sources.py``):
+the plan also fixes each row's mask (class ``c``'s row ``i`` gets class ``c``'s mask
+``i mod M_c``); the mask-conditioned generator makes each image for its mask
+(``generators.contract.generate_batch``) and the row's mask is that mask, bit for bit.
+The masks' sha256 is part of the plan's provenance, so other masks mean a fresh start.
 """
 
 from __future__ import annotations
@@ -31,13 +38,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from generators.compiled import compile_generator, should_compile
-from generators.contract import SYNTHETIC_SUBJECT, GeneratedBatch, Generator
+from generators.contract import SYNTHETIC_SUBJECT, GeneratedBatch, Generator, accepts_masks, generate_batch
 from generators.errors import ConfigError, DataError, GeneratorError
 from generators.registry import load_generator
+from generators.seed_stream import offset as stream_offset
 from generators.shards import (
     DatasetWriter,
     Row,
@@ -47,6 +56,7 @@ from generators.shards import (
     verify_dataset,
 )
 from tasks.config import PipelineConfig
+from tasks.mask_sources import MAX_REJECTS_KEPT, MaskSet, load_mask_set
 from tasks.paths import PipelinePaths
 from tasks.runtime import setup_torch
 
@@ -57,12 +67,14 @@ IO_QUEUE_DEPTH = 4  # encode/write jobs the generating thread may run ahead (bou
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Rows of one synthetic shard: ids and conditioning labels, and its seed."""
+    """Rows of one synthetic shard: ids and conditioning labels, and its seed; ``masks``:
+    each row's index into the given masks (``synthesis.masks_from``), empty without them."""
 
     index: int
     seed: int
     ids: tuple[str, ...]
     labels: tuple[str, ...]
+    masks: tuple[int, ...] = ()
 
 
 def requested_counts(cfg: PipelineConfig, real_train_counts: dict[str, int]) -> dict[str, int]:
@@ -82,18 +94,28 @@ def requested_counts(cfg: PipelineConfig, real_train_counts: dict[str, int]) -> 
     }
 
 
-def plan_shards(counts: dict[str, int], shard_rows: int, seed: int) -> list[ShardPlan]:
-    """Deterministic plan: rows sorted by id (``syn-<label>-<index>``), cut into shards."""
-    rows = [(f"syn-{label}-{i:07d}", label) for label in sorted(counts) for i in range(counts[label])]
+def plan_shards(
+    counts: dict[str, int], shard_rows: int, seed: int, masks_by_label: dict[str, list[int]] | None = None
+) -> list[ShardPlan]:
+    """Deterministic plan: rows sorted by id (``syn-<label>-<index>``), cut into shards.
+    With ``masks_by_label`` (label -> indices of its given masks), row ``i`` of a label
+    gets that label's mask ``i mod M``."""
+    rows = [(f"syn-{label}-{i:07d}", label, i) for label in sorted(counts) for i in range(counts[label])]
     plans = []
     for k, start in enumerate(range(0, len(rows), shard_rows)):
         chunk = rows[start : start + shard_rows]
+        masks = (
+            ()
+            if masks_by_label is None
+            else tuple(masks_by_label[r[1]][r[2] % len(masks_by_label[r[1]])] for r in chunk)
+        )
         plans.append(
             ShardPlan(
                 index=k,
                 seed=seed * 1_000_003 + k,
                 ids=tuple(r[0] for r in chunk),
                 labels=tuple(r[1] for r in chunk),
+                masks=masks,
             )
         )
     return plans
@@ -108,14 +130,19 @@ class ShardBatch:
     batch: GeneratedBatch
 
 
-def generate_batches(generator: Generator, plan: ShardPlan, batch_size: int) -> Iterator[ShardBatch]:
-    """Generate one shard's images, ``batch_size`` at a time; batch ``b`` uses seed
-    ``plan.seed * 1_009 + b``."""
-    for b, start in enumerate(range(0, len(plan.ids), batch_size)):
+def generate_batches(
+    generator: Generator, plan: ShardPlan, batch_size: int, masks: np.ndarray | None = None
+) -> Iterator[ShardBatch]:
+    """Generate one shard's images, ``batch_size`` at a time; row ``j`` is image ``j`` of
+    ``plan.seed``'s per-image stream (``generators.seed_stream``), whatever the batch size.
+    ``masks``: the given masks, uint8 (M, H, W), row ``j`` getting ``masks[plan.masks[j]]``
+    (None: the generator picks its own masks, if it makes any)."""
+    for start in range(0, len(plan.ids), batch_size):
         ids = plan.ids[start : start + batch_size]
         labels = list(plan.labels[start : start + batch_size])
-        with torch.inference_mode():
-            batch = generator.generate(len(ids), seed=plan.seed * 1_009 + b, condition=labels)
+        given = None if masks is None else masks[list(plan.masks[start : start + batch_size])].astype(np.int64)
+        with torch.inference_mode(), stream_offset(start):
+            batch = generate_batch(generator, len(ids), plan.seed, labels, masks=given)
         yield ShardBatch(ids=ids, labels=labels, batch=batch)
 
 
@@ -148,10 +175,13 @@ def encode_batch(item: ShardBatch, source: str, seed: int, dtype: str) -> list[d
     ]
 
 
-def generate_shard(generator: Generator, plan: ShardPlan, batch_size: int, dtype: str) -> pa.Table:
-    """Generate one shard's images (batched) and encode them as dataset rows."""
+def generate_shard(
+    generator: Generator, plan: ShardPlan, batch_size: int, dtype: str, masks: np.ndarray | None = None
+) -> pa.Table:
+    """Generate one shard's images (batched; ``masks`` as in :func:`generate_batches`) and
+    encode them as dataset rows."""
     records: list[dict[str, Any]] = []
-    for item in generate_batches(generator, plan, batch_size):
+    for item in generate_batches(generator, plan, batch_size, masks):
         records.extend(encode_batch(item, generator.card.ref, plan.seed, dtype))
     return records_to_table(records)
 
@@ -193,17 +223,23 @@ def _take_resumed(writer: DatasetWriter, index: int) -> None:
 
 
 def write_overlapped(
-    writer: DatasetWriter, generator: Generator, plans: Sequence[ShardPlan], batch_size: int, dtype: str
+    writer: DatasetWriter,
+    generator: Generator,
+    plans: Sequence[ShardPlan],
+    batch_size: int,
+    dtype: str,
+    masks: np.ndarray | None = None,
 ) -> None:
     """Generate every shard on this thread; encode and write on an :class:`OrderedWorker`.
-    Shards kept from an interrupted run are taken over, not made."""
+    Shards kept from an interrupted run are taken over, not made. ``masks`` as in
+    :func:`generate_batches`."""
     with OrderedWorker() as io:
         for plan in plans:
             if writer.is_resumable(plan.index):
                 io.submit(_take_resumed, writer, plan.index)
                 continue
             records: list[dict[str, Any]] = []
-            for item in generate_batches(generator, plan, batch_size):
+            for item in generate_batches(generator, plan, batch_size, masks):
                 io.submit(_extend_encoded, records, item, generator.card.ref, plan.seed, dtype)
             io.submit(_write_records, writer, records)
 
@@ -298,8 +334,37 @@ def _write_mapped(
             writer.write_table(table)
 
 
+def given_masks(cfg: PipelineConfig, paths: PipelinePaths, generator: Generator, counts: dict[str, int]) -> MaskSet:
+    """The masks of ``synthesis.masks_from`` for ``generator``, checked: the generator is
+    mask-conditioned at ``preprocess.size``, and every class to make has a mask."""
+    card = generator.card
+    if not accepts_masks(generator):
+        raise ConfigError(
+            f"synthesis.masks_from needs a mask-conditioned generator, but {card.ref} (architecture "
+            f"'{card.architecture}') is not; use pix2pix or ddpm with with_masks: true, or remove synthesis.masks_from"
+        )
+    size = cfg.preprocess.size
+    if tuple(card.image_size) != (size, size):
+        raise ConfigError(
+            f"synthesis.masks_from: {card.ref} makes {card.image_size[0]}x{card.image_size[1]} images but masks are "
+            f"resized to preprocess.size {size}; use a generator of that size or change preprocess.size"
+        )
+    mask_set = load_mask_set(
+        str(cfg.synthesis.masks_from), paths, size, int(generator.mask_classes), sorted(card.conditioning.labels)
+    )
+    available = mask_set.index_by_label()
+    missing = sorted(label for label, n in counts.items() if n > 0 and label not in available)
+    if missing:
+        raise DataError(
+            f"synthesis.masks_from {mask_set.source}: no usable mask for class(es) {missing}; add label maps under "
+            f"<folder>/<label>/ or set synthesis.counts to 0 for them"
+        )
+    return mask_set
+
+
 def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap | None = None) -> dict[str, Any]:
-    """Generate ``requested_counts`` images per class; returns counts and the generator ref.
+    """Generate ``requested_counts`` images per class; returns counts and the generator ref
+    (and, with ``synthesis.masks_from``, the masks used and rejected).
 
     ``map_shards`` (optional) makes the shards elsewhere, e.g. in parallel; the shards'
     bytes do not depend on it (each shard has its own seed)."""
@@ -312,15 +377,29 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
             f"generator {generator.card.ref} cannot make class(es) {missing}; it knows "
             f"{', '.join(generator.card.conditioning.labels)}; retrain it on this dataset"
         )
-    plans = plan_shards(counts, cfg.synthesis.shard_rows, cfg.synthesis.seed)
+    mask_set = None if cfg.synthesis.masks_from is None else given_masks(cfg, paths, generator, counts)
+    masks = None if mask_set is None else mask_set.masks
+    plans = plan_shards(
+        counts, cfg.synthesis.shard_rows, cfg.synthesis.seed, None if mask_set is None else mask_set.index_by_label()
+    )
     dtype = real_dtype(paths)
-    provenance = {
+    provenance: dict[str, Any] = {
         "generator": generator.card.ref,
         "counts": counts,
         "seed": cfg.synthesis.seed,
         "shard_rows": cfg.synthesis.shard_rows,
         "batch_size": cfg.synthesis.batch_size,
     }
+    masks_summary: dict[str, Any] = {}
+    if mask_set is not None:
+        masks_summary = {
+            "masks_from": mask_set.source,
+            "masks_sha256": mask_set.digest(),
+            "masks_used": len(mask_set.labels),
+            "masks_rejected": len(mask_set.rejects),
+            "masks_rejects": list(mask_set.rejects[:MAX_REJECTS_KEPT]),
+        }
+        provenance.update(masks_summary)
     total = sum(counts.values())
     compiled = should_compile(
         cfg.synthesis.compile, generator.card.architecture, total, cfg.synthesis.compile_min_images
@@ -337,9 +416,9 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
     started = time.perf_counter()
     with writer:
         if map_shards is None:
-            write_overlapped(writer, generator, plans, cfg.synthesis.batch_size, dtype)
+            write_overlapped(writer, generator, plans, cfg.synthesis.batch_size, dtype, masks)
         else:
-            make = partial(generate_shard, generator, batch_size=cfg.synthesis.batch_size, dtype=dtype)
+            make = partial(generate_shard, generator, batch_size=cfg.synthesis.batch_size, dtype=dtype, masks=masks)
             _write_mapped(writer, plans, make, map_shards)
     if writer.resumed:
         log.info("resumed: %d of %d shards kept from an interrupted run", writer.resumed, len(plans))
@@ -353,4 +432,5 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
         "resumed_shards": writer.resumed,
         "device": device,
         "compiled": compiled,
+        **masks_summary,
     }

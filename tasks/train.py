@@ -23,17 +23,17 @@ import numpy as np
 
 from generators import registry
 from generators.architectures.cgan import NETWORK_DESCRIPTIONS as CGAN_NETWORKS
-from generators.architectures.cgan import network_kwargs
 from generators.architectures.controls import HOLDOUT_SPLIT, add_holdout_groups
 from generators.card import Conditioning, ModelCard, TrainingInfo, Weights, save_card
 from generators.errors import DataError, GeneratorError
 from generators.shards import dataset_digest, decode_table, read_manifest, read_table, replace_dir, write_json_atomic
 from generators.train_spec import TrainSpec
-from generators.training import TrainingData, discard_checkpoint, train_cgan, train_generator
+from generators.training import TrainedGenerator, TrainingData, discard_checkpoint, train_generator
 from generators.weights import save_weights, verify_sha256
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
 from tasks.preflight import preflight
+from tasks.progress import Progress
 from tasks.runtime import setup_torch
 
 log = logging.getLogger(__name__)
@@ -86,57 +86,7 @@ def _train_new(cfg: PipelineConfig, paths: PipelinePaths, staging: Path) -> dict
     data = load_training_data(paths, spec.with_masks, split)
     manifest = read_manifest(paths.real)
     checkpoint = paths.state / f"generator-{_fingerprint(cfg, paths)}.ckpt"
-    if spec.architecture != "cgan":
-        return _train_architecture(cfg, paths, staging, data, manifest, checkpoint, device)
-    log.info(
-        "training cgan on %d images (%s), %d epochs, device %s",
-        len(data.images),
-        ", ".join(data.label_names),
-        spec.epochs,
-        device,
-    )
-
-    def progress(epoch: int, row: dict[str, float]) -> None:
-        if epoch == 1 or epoch % max(1, spec.epochs // 10) == 0 or epoch == spec.epochs:
-            log.info("epoch %d/%d  loss_d %.4f  loss_g %.4f", epoch, spec.epochs, row["loss_d"], row["loss_g"])
-
-    result = train_cgan(data, spec, device=device, checkpoint=checkpoint, on_epoch=progress)
-    sha = save_weights(result.generator, staging / "weights.safetensors")
-    size = data.images.shape[-1]
-    card = ModelCard(
-        id=f"synthmed/{paths.pipeline}-cgan",
-        version="1.0.0",
-        name=f"{paths.pipeline} class-conditional GAN",
-        description=f"Class-conditional GAN ({CGAN_NETWORKS[result.config.style]}, hinge loss, EMA generator) "
-        f"trained by synthmed pipeline '{paths.pipeline}'.",
-        changelog={"1.0.0": "trained by the pipeline"},
-        architecture="cgan",
-        network=network_kwargs(result.config),
-        modality=str(manifest["provenance"].get("modality", "unknown")),
-        anatomy=str(manifest["provenance"].get("anatomy", "unknown")),
-        image_size=(size, size),
-        channels=int(data.images.shape[1]),
-        latent_dim=spec.latent_dim,
-        conditioning=Conditioning(
-            labels=data.label_names,
-            masks=result.config.mask_classes > 0,
-            mask_classes=MASK_CLASSES[: result.config.mask_classes] if result.config.mask_classes else (),
-        ),
-        training=TrainingInfo(
-            dataset=f"{paths.pipeline} real train split (dataset {dataset_digest(paths.real)})",
-            dataset_licence=str(manifest["provenance"].get("licence", "see source")),
-            images=len(data.images),
-            epochs=spec.epochs,
-            config=spec.model_dump(mode="json"),
-        ),
-        licence=str(manifest["provenance"].get("licence", "see source")),
-        weights=Weights(file="weights.safetensors", sha256=sha, format="safetensors"),
-        dependencies=("torch", "monai"),
-        origin={"kind": "synthmed"},
-        tags=("conditional", "gan", f"{size}x{size}"),
-    )
-    save_card(card, staging / "card.yaml")
-    return _finish(staging, card, result, spec, data, device, checkpoint, ("epoch", "loss_d", "loss_g"))
+    return _train_architecture(cfg, paths, staging, data, manifest, checkpoint, device)
 
 
 def _finish(
@@ -170,9 +120,14 @@ def _finish(
 
 
 _DESCRIPTIONS = {
+    # cgan: a template; _describe fills in the network style and the loss
+    "cgan": "Class-conditional GAN ({network}, {loss} loss, EMA generator)",
     "dcgan": "Unconditional DCGAN (MONAI Generator/Discriminator, MedNIST GAN bundle recipe, EMA generator)",
     "vae": "Class-conditional VAE (MONAI VarAutoEncoder, label maps in, label appended to the latent code)",
-    "ddpm": "Class-conditional diffusion model (MONAI DiffusionModelUNet, DDPM training, DDIM sampling)",
+    "ddpm": "Class-conditional diffusion model (MONAI DiffusionModelUNet, DDPM training, DDIM sampling; "
+    "mask-conditioned when with_masks: the one-hot mask is concatenated to the noisy image)",
+    "ldm": "Class-conditional latent diffusion model (MONAI AutoencoderKL + DiffusionModelUNet on its latents, "
+    "rectified-flow or DDPM training, few-step sampling)",
     "pix2pix": "Mask-to-image pix2pix (MONAI UNet + PatchDiscriminator, L1 + adversarial) emitting image/mask "
     "pairs; its weights file holds a pool of training segmentation masks (no pixel data, no ids)",
     "noise": "NEGATIVE CONTROL: per-class Gaussian noise (salt-noise masks when paired); the judge must reject it",
@@ -181,14 +136,29 @@ _DESCRIPTIONS = {
     "test), stored in its weights file; a local control, not a model to share",
 }
 _TAGS = {
+    "cgan": ("conditional", "gan"),
     "dcgan": ("unconditional", "gan"),
     "vae": ("conditional", "vae"),
     "ddpm": ("conditional", "diffusion"),
+    "ldm": ("conditional", "diffusion", "latent-diffusion"),
     "pix2pix": ("conditional", "gan", "mask-to-image"),
     "noise": ("control", "negative-control"),
     "blobs": ("control", "negative-control"),
     "real-holdout": ("control", "positive-control", "real-images"),
 }
+
+
+_NAMES = {"cgan": "class-conditional GAN"}  # the card's name after the pipeline's; default: the architecture
+
+
+def _describe(result: TrainedGenerator, spec: TrainSpec, pipeline: str) -> str:
+    """The card's description: the architecture's line of ``_DESCRIPTIONS`` (cgan's names
+    its network style and loss) and the pipeline that trained it."""
+    if result.architecture == "cgan":
+        network = CGAN_NETWORKS[result.network.get("style", "mednist")]
+        line = _DESCRIPTIONS["cgan"].format(network=network, loss=spec.loss)
+        return f"{line} trained by synthmed pipeline '{pipeline}'."  # no comma: as cgan cards always read
+    return f"{_DESCRIPTIONS[result.architecture]}, trained by synthmed pipeline '{pipeline}'."
 
 
 def _train_architecture(
@@ -200,7 +170,8 @@ def _train_architecture(
     checkpoint: Path,
     device: str,
 ) -> dict[str, Any]:
-    """Train a zoo architecture other than cgan through ``train_generator``; same outputs as the cgan path."""
+    """Train ``spec.architecture`` through ``train_generator`` and write its card, weights
+    and history into ``staging``."""
     spec = cfg.generator.train
     arch = spec.architecture
     log.info(
@@ -212,7 +183,12 @@ def _train_architecture(
         device,
     )
 
+    counter = Progress("train", spec.epochs, "epochs", every_s=30.0)
+
     def progress(epoch: int, row: dict[str, float]) -> None:
+        if counter.done == 0 and epoch > 1:  # resumed: count the epochs done before, time only the new ones
+            counter.done, counter.total = 0, spec.epochs - epoch + 1
+        counter.advance(1)
         if epoch == 1 or epoch % max(1, spec.epochs // 10) == 0 or epoch == spec.epochs:
             losses = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
             log.info("epoch %d/%d  %s", epoch, spec.epochs, losses)
@@ -227,8 +203,8 @@ def _train_architecture(
     card = ModelCard(
         id=f"synthmed/{paths.pipeline}-{arch}",
         version="1.0.0",
-        name=f"{paths.pipeline} {arch}",
-        description=f"{_DESCRIPTIONS[arch]}, trained by synthmed pipeline '{paths.pipeline}'.",
+        name=f"{paths.pipeline} {_NAMES.get(arch, arch)}",
+        description=_describe(result, spec, paths.pipeline),
         changelog={"1.0.0": "trained by the pipeline"},
         architecture=arch,
         network=result.network,
@@ -236,7 +212,7 @@ def _train_architecture(
         anatomy=str(manifest["provenance"].get("anatomy", "unknown")),
         image_size=(size, size),
         channels=int(data.images.shape[1]),
-        latent_dim=spec.latent_dim if arch in ("dcgan", "vae") else None,
+        latent_dim=spec.latent_dim if arch in ("cgan", "dcgan", "vae") else None,
         conditioning=Conditioning(
             labels=result.labels,
             masks=result.mask_classes > 0,
@@ -251,7 +227,7 @@ def _train_architecture(
         ),
         licence=licence,
         weights=Weights(file="weights.safetensors", sha256=sha, format="safetensors"),
-        dependencies=("torch", "monai", "einops") if arch == "ddpm" else ("torch", "monai"),
+        dependencies=("torch", "monai", "einops") if arch in ("ddpm", "ldm") else ("torch", "monai"),
         origin={"kind": "synthmed"},
         tags=(*_TAGS[arch], f"{size}x{size}"),
     )

@@ -7,6 +7,7 @@ cgan       Generator / Discriminator (MedNIST GAN bundle)          label, paired
 dcgan      Generator / Discriminator (MedNIST GAN bundle recipe)   none                 one forward pass
 vae        VarAutoEncoder, label maps in, label appended to z      label                decode z ~ N(0, I)
 ddpm       DiffusionModelUNet (class embedding) + DDPM scheduler   label                DDIM, ``ddim_steps``
+ldm        AutoencoderKL + latent DiffusionModelUNet, RFlow/DDPM   label                rflow/DDIM, ``sample_steps``
 pix2pix    UNet generator + PatchDiscriminator, L1 + adversarial   mask (+ label)       one forward pass
 noise      none (negative control: per-class Gaussian noise)       label, salt masks    seeded draw
 blobs      none (negative control: smooth random blobs)            label, salt masks    seeded draw
@@ -29,8 +30,8 @@ Multi-GPU is data parallel under torch's own launcher: start one process per GPU
 ``cuda:<LOCAL_RANK>`` and calls ``train_generator``; ``generators.training.fit`` then gives
 every rank its share of each epoch, averages gradients across ranks and writes checkpoints
 from rank 0 only (see its docstring), and rank 0 writes the card and weights. The ``train``
-stage itself runs one process; it does not set up a process group yet, and cgan's own loop
-(``train_cgan``) is single-process.
+stage itself runs one process; it does not set up a process group yet. Every architecture
+but the controls trains through ``fit``; the controls refuse a process group.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "dcgan": ("generators.architectures.dcgan", "DcganModel"),
     "vae": ("generators.architectures.vae", "VaeModel"),
     "ddpm": ("generators.architectures.ddpm", "DdpmModel"),
+    "ldm": ("generators.architectures.ldm", "LdmModel"),
     "pix2pix": ("generators.architectures.pix2pix", "Pix2pixModel"),
     # controls that prove the judge (generators/architectures/controls.py)
     "noise": ("generators.architectures.controls", "NoiseModel"),
@@ -141,10 +143,14 @@ def load_network(module: nn.Module, state: dict[str, torch.Tensor], card: ModelC
         )
 
 
-def seeded_normal(shape: Sequence[int], seed: int) -> torch.Tensor:
-    """Standard-normal float32 CPU tensor from a generator seeded with ``seed`` (same seed,
-    same numbers on every device, since the draw happens on CPU)."""
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed)))
+def seeded_normal(shape: Sequence[int], seed: int, stream: int = 0) -> torch.Tensor:
+    """Standard-normal float32 CPU tensor ``shape = (n, ...)`` from the per-image seed stream
+    (``generators.seed_stream``): row ``j`` is image ``start + j``'s draw ``stream`` (0: its
+    latent / initial noise), so it depends on ``(seed, image index)`` only, not on the batch.
+    Same numbers on every device, since the draw happens on the CPU."""
+    from generators.seed_stream import stream_normal
+
+    return stream_normal(shape, seed, stream=stream)
 
 
 def autocast(device: torch.device) -> torch.autocast:

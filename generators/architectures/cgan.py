@@ -21,12 +21,18 @@ Two network styles (``CganConfig.style``, ``generator.train.cgan_style``):
 
 Shapes: latent ``(N, latent_dim + n_labels)``; output images float32 ``(N, C, H, W)`` in
 [0, 1] (sigmoid, as in the MedNIST bundle); masks int64 ``(N, H, W)``.
+
+Training (``train_cgan``) is a recipe of ``generators.training.fit``, the loop every
+architecture shares: ``spec.loss`` (hinge or bce), DiffAugment of the discriminator's inputs
+(``spec.diffaugment``), Adam with ``spec.betas`` at ``lr_generator``/``lr_discriminator``,
+an EMA generator (exported), checkpoints, exact resume and torchrun data parallelism.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +42,21 @@ from torch import nn
 
 from generators.card import ModelCard
 from generators.contract import GeneratedBatch
-from generators.errors import GeneratorError
+from generators.errors import DataError, GeneratorError
+from generators.train_spec import TrainSpec
+from generators.training import (
+    Batch,
+    Recipe,
+    StepContext,
+    TrainedGenerator,
+    TrainingData,
+    _bce_d,
+    _g_loss,
+    _hinge_d,
+    _real_input,
+    fit,
+    make_optimizer,
+)
 
 
 @dataclass(frozen=True)
@@ -186,9 +206,11 @@ def split_outputs(raw: torch.Tensor, cfg: CganConfig) -> tuple[torch.Tensor, tor
 
 
 def latent(n: int, latent_dim: int, seed: int) -> torch.Tensor:
-    """Standard-normal latents ``(n, latent_dim)`` float32 from a seeded CPU generator."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn(n, latent_dim, generator=gen)
+    """Standard-normal latents ``(n, latent_dim)`` float32 from the per-image seed stream
+    (``generators.seed_stream``: row ``j`` is image ``start + j``'s latent)."""
+    from generators.seed_stream import stream_normal
+
+    return stream_normal((n, latent_dim), seed)
 
 
 class CganModel:
@@ -250,3 +272,88 @@ def network_kwargs(cfg: CganConfig) -> dict[str, Any]:
         # only a non-default style is written, so cards of the original networks stay as they were
         **({"style": cfg.style} if cfg.style != "mednist" else {}),
     }
+
+
+def config_for(data: TrainingData, spec: TrainSpec) -> CganConfig:
+    """The pair's constructor arguments for ``data`` (size, channels, labels, mask classes
+    when ``spec.with_masks``) and the spec's latent size, width and style."""
+    if spec.with_masks and data.masks is None:
+        raise DataError(
+            "train.with_masks is true but the training images have no masks; ingest masks or set with_masks: false"
+        )
+    return CganConfig(
+        image_size=int(data.images.shape[-1]),
+        channels=int(data.images.shape[1]),
+        n_labels=len(data.label_names),
+        latent_dim=spec.latent_dim,
+        base_channels=spec.base_channels,
+        mask_classes=data.mask_classes if spec.with_masks else 0,
+        style=spec.cgan_style,
+    )
+
+
+def cgan_recipe(cfg: CganConfig, spec: TrainSpec) -> Recipe:
+    """The cGAN's side of ``fit``: a freshly built generator/discriminator pair (seeded with
+    ``spec.seed``), their Adam optimisers, and one step: a discriminator update on real vs
+    fake (``spec.loss``, DiffAugment when ``spec.diffaugment``), then a generator update
+    through the same augmented fakes. Real inputs are the images, with the one-hot mask
+    appended as K channels when ``cfg.mask_classes`` > 0; fakes are the sigmoid image and
+    the softmax mask. The step reports ``loss_d`` and ``loss_g``; the exported network is
+    the generator's EMA."""
+    torch.manual_seed(spec.seed)
+    gen_net, disc_net = ConditionalGenerator(cfg), ConditionalDiscriminator(cfg)
+    opt_g = make_optimizer(spec, gen_net, spec.lr_generator)
+    opt_d = make_optimizer(spec, disc_net, spec.lr_discriminator)
+    d_loss_fn = _hinge_d if spec.loss == "hinge" else _bce_d
+
+    def step(batch: Batch, ctx: StepContext) -> dict[str, float]:
+        onehot = F.one_hot(batch.labels, cfg.n_labels).float()
+        real = _real_input(batch.images, batch.masks, cfg.mask_classes)
+        z = ctx.randn(len(batch.images), cfg.latent_dim)
+        with ctx.autocast():
+            fake_img, fake_mask = split_outputs(gen_net(z, onehot).float(), cfg)
+            fake = fake_img if fake_mask is None else torch.cat([fake_img, fake_mask], 1)
+            d_real, d_fake = real, fake
+            if spec.diffaugment:
+                d_real, d_fake = ctx.augment(real), ctx.augment(fake)
+            loss_d = d_loss_fn(disc_net(d_real, onehot).float(), disc_net(d_fake.detach(), onehot).float())
+        ctx.update(opt_d, loss_d, disc_net)
+        with ctx.autocast():
+            loss_g = _g_loss(spec.loss, disc_net(d_fake, onehot).float())
+        ctx.update(opt_g, loss_g, gen_net)
+        return {"loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach())}
+
+    return Recipe(
+        {"generator": gen_net, "discriminator": disc_net},
+        {"generator": opt_g, "discriminator": opt_d},
+        step,
+        "generator",
+    )
+
+
+def train_cgan(
+    data: TrainingData,
+    spec: TrainSpec,
+    *,
+    device: str = "cpu",
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainedGenerator:
+    """Train the conditional GAN through ``fit`` (checkpoints, resume, EMA, torchrun).
+    History: ``loss_d``, ``loss_g``. The card's ``network`` is ``network_kwargs(cfg)``;
+    ``mask_classes`` > 0 when ``spec.with_masks`` (paired image + mask output)."""
+    cfg = config_for(data, spec)
+    recipe = cgan_recipe(cfg, spec)
+    result = fit(
+        recipe, data, spec, device=device, checkpoint=checkpoint, on_epoch=on_epoch, with_masks=spec.with_masks
+    )
+    return TrainedGenerator(
+        architecture="cgan",
+        state=result.state,
+        network=network_kwargs(cfg),
+        labels=data.label_names,
+        mask_classes=cfg.mask_classes,
+        history=result.history,
+        time_s=result.time_s,
+        resumed_from_epoch=result.resumed_from_epoch,
+    )

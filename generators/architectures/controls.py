@@ -60,6 +60,7 @@ from generators.architectures import label_indices
 from generators.card import ModelCard
 from generators.contract import GeneratedBatch
 from generators.errors import DataError, GeneratorError
+from generators.seed_stream import batch_rng
 from generators.train_spec import TrainSpec
 from generators.training import TrainedGenerator, TrainingData
 
@@ -194,7 +195,7 @@ class NoiseModel:
         """``n`` samples: float32 images (N, C, H, W) in [0, 1]; salt-noise masks int64
         (N, H, W) when the card has masks. Same seed and condition -> same output."""
         index = np.asarray(label_indices(self.card, n, condition), dtype=np.int64)
-        rng = np.random.default_rng(int(seed))
+        rng = batch_rng(seed)  # keyed by (seed, first stream index): batches differ
         size = self.cfg.image_size
         if self.card.architecture == "noise":
             unit = rng.standard_normal((n, self.cfg.channels, size, size)).astype(np.float32)
@@ -284,7 +285,7 @@ class HoldoutModel:
         (N, H, W)); per class without replacement while possible; ``subjects``: each image's
         ``holdout-group-NNNN`` (None without stored groups). Same seed -> same output."""
         index = np.asarray(label_indices(self.card, n, condition), dtype=np.int64)
-        rng = np.random.default_rng(int(seed))
+        rng = batch_rng(seed)  # keyed by (seed, first stream index): batches differ
         picks = np.zeros(n, np.int64)
         for k in np.unique(index):
             pool = np.flatnonzero(self.labels == k)

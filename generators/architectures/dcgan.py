@@ -40,7 +40,6 @@ from generators.training import (
     _bce_d,
     _g_loss,
     _hinge_d,
-    diff_augment,
     fit,
     make_optimizer,
 )
@@ -142,7 +141,7 @@ def train_dcgan(
             fake = torch.sigmoid(gen_net(z).float())
             d_real, d_fake = batch.images, fake
             if spec.diffaugment:
-                d_real, d_fake = diff_augment(d_real, ctx.rng), diff_augment(d_fake, ctx.rng)
+                d_real, d_fake = ctx.augment(d_real), ctx.augment(d_fake)
             loss_d = d_loss_fn(disc_net(d_real).float(), disc_net(d_fake.detach()).float())
         ctx.update(opt_d, loss_d, disc_net)
         with ctx.autocast():

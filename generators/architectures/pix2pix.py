@@ -3,19 +3,24 @@
 
 Generator input, ``(N, K + L + 1, H, W)``: the segmentation mask one-hot (K classes), one
 constant map per class label (L labels, one-hot) and one seeded Gaussian noise map (so the
-seed varies the texture for a fixed mask); output: the image through a sigmoid. The
+seed varies the texture for a fixed mask; image ``i``'s noise and pool pick come from its
+own streams, ``generators.seed_stream``); output: the image through a sigmoid. The
 discriminator judges (mask, label maps, image) stacks.
 
-Contract extension (``generate(n, seed, condition)``), a paired generator:
-- ``condition`` a label, a list of labels or None (labels cycle as in the other
+Contract (``generators.contract.MaskConditionedGenerator``: ``generate(n, seed, condition,
+masks=None)``), a paired generator:
+- ``masks`` int ``(N, H, W)`` in [0, K) with ``condition`` the labels (a label, one per
+  mask, or None: labels cycle): translate exactly these masks (``synthesis.masks_from``).
+- no masks, ``condition`` a label, a list of labels or None (labels cycle as in the other
   architectures): each sample's mask is drawn (seeded) from the **mask pool** entries of
   its label. The pool is ``spec.mask_pool_size`` training masks (stratified by label)
   stored with the weights (``mask_pool.masks`` uint8 (P, H, W), ``mask_pool.labels`` int64
-  (P,)), so it is sha256-verified with them; a model object can be given another pool
-  (``mask_pool=`` or ``use_mask_pool``), and ``mask_pool_size: 0`` ships none. The pool is
-  segmentation masks only: no pixel values, ids or subjects of the training images.
+  (P,); ``generators/architectures/mask_pool.py``), so it is sha256-verified with them; a
+  model object can be given another pool (``mask_pool=`` or ``use_mask_pool``), and
+  ``mask_pool_size: 0`` ships none. The pool is segmentation masks only: no pixel values,
+  ids or subjects of the training images.
 - ``condition`` a ``MaskCondition(masks, labels)``, or a bare int array of masks
-  ``(N, H, W)`` in [0, K) (labels then cycle): translate exactly these masks.
+  ``(N, H, W)`` (labels then cycle): the older spelling of ``masks=``, kept.
 The returned batch carries the masks it was conditioned on (``GeneratedBatch.masks``), so
 image and mask come as a pair for segmentation training.
 
@@ -34,7 +39,15 @@ import torch.nn.functional as F
 from monai.networks.nets import PatchDiscriminator, UNet
 from torch import nn
 
-from generators.architectures import autocast, label_indices, load_network, size_levels
+from generators.architectures import autocast, label_indices, load_network, seeded_normal, size_levels
+from generators.architectures.mask_pool import (  # noqa: F401 - POOL_PREFIX, select_pool: re-exported
+    POOL_PREFIX,
+    MaskPool,
+    check_masks,
+    network_state,
+    pool_state,
+    select_pool,
+)
 from generators.card import ModelCard
 from generators.contract import GeneratedBatch
 from generators.errors import DataError, GeneratorError
@@ -52,8 +65,6 @@ from generators.training import (
     fit,
     make_optimizer,
 )
-
-POOL_PREFIX = "mask_pool."
 
 
 @dataclass(frozen=True)
@@ -119,21 +130,6 @@ def condition_maps(masks: torch.Tensor, labels: torch.Tensor, cfg: Pix2pixConfig
     return torch.cat([onehot, label_maps], dim=1)
 
 
-def select_pool(data: TrainingData, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``size`` training masks, taken round-robin over labels in a seeded order (so
-    every label is represented when ``size`` >= the number of labels): uint8 (P, H, W), int64 (P,)."""
-    if data.masks is None or size == 0:
-        return np.zeros((0, *data.images.shape[2:]), np.uint8), np.zeros(0, np.int64)
-    rng = np.random.default_rng(seed)
-    per_label = [rng.permutation(np.flatnonzero(data.labels == k)).tolist() for k in range(len(data.label_names))]
-    chosen: list[int] = []
-    while len(chosen) < min(size, len(data.masks)):
-        for queue in per_label:
-            if queue and len(chosen) < size:
-                chosen.append(queue.pop(0))
-    return data.masks[chosen].astype(np.uint8), data.labels[chosen].astype(np.int64)
-
-
 class Pix2pixModel:
     """A loaded mask-to-image generator implementing ``generators.contract.Generator``
     (with the mask conditions described in the module docstring)."""
@@ -153,69 +149,52 @@ class Pix2pixModel:
                 f"{self.cfg.n_labels}; fix conditioning.labels"
             )
         self.device = torch.device(device)
-        network_state = {k: v for k, v in state_dict.items() if not k.startswith(POOL_PREFIX)}
+        self.mask_conditioned = True
+        self.mask_classes = self.cfg.mask_classes
         self.module = build_generator(self.cfg)
-        load_network(self.module, network_state, card)
+        load_network(self.module, network_state(state_dict), card)
         self.module.to(self.device).eval()
-        pool_masks = state_dict.get(POOL_PREFIX + "masks")
-        pool_labels = state_dict.get(POOL_PREFIX + "labels")
-        self.pool_masks = (
-            np.zeros((0, *card.image_size), np.int64) if pool_masks is None else pool_masks.numpy().astype(np.int64)
-        )
-        self.pool_labels = np.zeros(0, np.int64) if pool_labels is None else pool_labels.numpy().astype(np.int64)
+        self.pool = MaskPool.from_state(card, state_dict)
         if mask_pool is not None:
             self.use_mask_pool(*mask_pool)
 
+    @property
+    def pool_masks(self) -> np.ndarray:
+        return self.pool.masks
+
+    @property
+    def pool_labels(self) -> np.ndarray:
+        return self.pool.labels
+
     def use_mask_pool(self, masks: np.ndarray, labels: Sequence[str]) -> None:
         """Draw label-conditioned masks from ``masks`` int (P, H, W) with one label each."""
-        masks = self._check_masks(np.asarray(masks))
-        if len(labels) != len(masks):
-            raise GeneratorError(f"{self.card.ref}: mask pool has {len(masks)} masks but {len(labels)} labels")
-        self.pool_masks = masks
-        self.pool_labels = np.array(label_indices(self.card, len(masks), list(labels)), dtype=np.int64)
-
-    def _check_masks(self, masks: np.ndarray) -> np.ndarray:
-        size = tuple(self.card.image_size)
-        if masks.ndim != 3 or masks.shape[1:] != size or not np.issubdtype(masks.dtype, np.integer):
-            raise GeneratorError(
-                f"{self.card.ref}: expected integer masks (N, {size[0]}, {size[1]}), got {masks.dtype} {masks.shape}"
-            )
-        if masks.size and (masks.min() < 0 or masks.max() >= self.cfg.mask_classes):
-            raise GeneratorError(
-                f"{self.card.ref}: mask values must lie in [0, {self.cfg.mask_classes}), got [{masks.min()}, {masks.max()}]"
-            )
-        return masks.astype(np.int64)
-
-    def _from_pool(self, index: list[int], gen: torch.Generator) -> np.ndarray:
-        picks = []
-        for k in index:
-            candidates = np.flatnonzero(self.pool_labels == k)
-            if len(candidates) == 0:
-                raise GeneratorError(
-                    f"{self.card.ref}: no mask for label '{self.card.conditioning.labels[k]}' in the mask pool; "
-                    "pass masks with MaskCondition(masks, labels) or give a pool with use_mask_pool"
-                )
-            picks.append(candidates[int(torch.randint(len(candidates), (1,), generator=gen))])
-        return self.pool_masks[picks]
+        self.pool = MaskPool.given(self.card, self.mask_classes, masks, labels)
 
     @torch.inference_mode()
     def generate(
-        self, n: int, seed: int, condition: MaskCondition | np.ndarray | Sequence[str] | str | None = None
+        self,
+        n: int,
+        seed: int,
+        condition: MaskCondition | np.ndarray | Sequence[str] | str | None = None,
+        masks: np.ndarray | None = None,
     ) -> GeneratedBatch:
         """``n`` image/mask pairs; images float32 (N, C, H, W) in [0, 1], masks int64 (N, H, W).
-        Same seed and condition -> same output."""
-        gen = torch.Generator().manual_seed(int(seed))
+        Same seed and condition -> same output. Given ``masks`` come back unchanged."""
         if isinstance(condition, np.ndarray):
             condition = MaskCondition(condition)
         if isinstance(condition, MaskCondition):
-            masks = self._check_masks(np.asarray(condition.masks))
-            if len(masks) != n:
-                raise GeneratorError(f"{self.card.ref}: expected {n} masks, got {len(masks)}")
-            index = label_indices(self.card, n, None if condition.labels is None else list(condition.labels))
+            if masks is not None:
+                raise GeneratorError(
+                    f"{self.card.ref}: masks given twice (MaskCondition and masks=); pass them once, as masks="
+                )
+            masks, condition = condition.masks, None if condition.labels is None else list(condition.labels)
+        if masks is not None:
+            masks = check_masks(self.card, masks, self.mask_classes, n)
+            index = label_indices(self.card, n, condition)
         else:
             index = label_indices(self.card, n, condition)
-            masks = self._from_pool(index, gen)
-        noise = torch.randn(n, 1, *masks.shape[1:], generator=gen)
+            masks = self.pool.draw(self.card, index, seed)
+        noise = seeded_normal((n, 1, *masks.shape[1:]), seed)
         cond = condition_maps(torch.from_numpy(masks), torch.tensor(index), self.cfg)
         with autocast(self.device):
             raw = self.module(torch.cat([cond, noise], dim=1).to(self.device))
@@ -278,12 +257,7 @@ def train_pix2pix(
         "generator",
     )
     result = fit(recipe, data, spec, device=device, checkpoint=checkpoint, on_epoch=on_epoch, with_masks=True)
-    pool_masks, pool_labels = select_pool(data, spec.mask_pool_size, spec.seed)
-    state = {
-        **result.state,
-        POOL_PREFIX + "masks": torch.from_numpy(pool_masks),
-        POOL_PREFIX + "labels": torch.from_numpy(pool_labels),
-    }
+    state = {**result.state, **pool_state(data, spec.mask_pool_size, spec.seed)}
     return TrainedGenerator(
         architecture="pix2pix",
         state=state,

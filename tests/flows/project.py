@@ -81,6 +81,7 @@ def env() -> dict[str, str]:
         **os.environ,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "DVC_NO_ANALYTICS": "1",  # no analytics daemon per DVC call (no network here anyway)
     }
 
 

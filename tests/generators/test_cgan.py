@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from generators.architectures.cgan import CganConfig, CganModel, ConditionalDiscriminator, ConditionalGenerator
+from generators.architectures.cgan import (
+    CganConfig,
+    CganModel,
+    ConditionalDiscriminator,
+    ConditionalGenerator,
+    train_cgan,
+)
 from generators.card import Conditioning, ModelCard, Weights
 from generators.errors import DataError, GeneratorError
-from generators.training import TrainingData, TrainSpec, train_cgan
+from generators.training import TrainingData, TrainSpec, train_generator
 
 
 def _data(n: int = 16, size: int = 16, masks: bool = False) -> TrainingData:
@@ -84,8 +90,8 @@ def test_training_reduces_the_discriminator_loss_and_is_deterministic():
     early = np.mean([h["loss_d"] for h in first.history[:3]])
     late = np.mean([h["loss_d"] for h in first.history[-3:]])
     assert late < early - 0.2
-    for key in first.generator:
-        torch.testing.assert_close(first.generator[key], again.generator[key], rtol=0, atol=0)
+    for key in first.state:
+        torch.testing.assert_close(first.state[key], again.state[key], rtol=0, atol=0)
 
 
 def test_training_resumes_from_a_checkpoint_with_identical_result(tmp_path):
@@ -104,14 +110,17 @@ def test_training_resumes_from_a_checkpoint_with_identical_result(tmp_path):
         checkpoint=checkpoint,
     )
     assert resumed.resumed_from_epoch == 2
-    for key in full.generator:
-        torch.testing.assert_close(full.generator[key], resumed.generator[key], rtol=0, atol=0)
+    for key in full.state:
+        torch.testing.assert_close(full.state[key], resumed.state[key], rtol=0, atol=0)
 
 
 def test_paired_training_runs_with_masks():
     data = _data(masks=True)
-    result = train_cgan(data, TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=8, with_masks=True))
-    assert result.config.mask_classes == 2
+    result = train_generator(TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=8, with_masks=True), data)
+    assert result.architecture == "cgan" and result.mask_classes == 2 and result.network["mask_classes"] == 2
+    assert result.labels == ("disc", "square")
+    with pytest.raises(DataError, match="with_masks is true but the training images have no masks"):
+        train_cgan(_data(), TrainSpec(epochs=1, batch_size=8, latent_dim=8, base_channels=8, with_masks=True))
 
 
 def test_training_data_rejects_bad_shapes():
@@ -131,18 +140,18 @@ def test_upsample_style_trains_loads_from_its_card_and_exports_as_torchscript(tm
     data = _data(masks=True)
     spec = TrainSpec(epochs=2, batch_size=8, latent_dim=8, base_channels=4, with_masks=True, cgan_style="upsample")
     result = train_cgan(data, spec)
-    assert result.config.style == "upsample" and network_kwargs(result.config)["style"] == "upsample"
+    assert result.network["style"] == "upsample"
     assert "style" not in network_kwargs(CganConfig(image_size=16, channels=1, n_labels=2))  # old cards unchanged
-    cfg = CganConfig(**network_kwargs(result.config))
+    cfg = CganConfig(**result.network)
     card = _card(cfg, ("disc", "square"))
-    model = CganModel(card, result.generator)
+    model = CganModel(card, result.state)
     batch = model.generate(4, seed=0)
     assert batch.images.shape == (4, 1, 16, 16) and batch.masks.shape == (4, 16, 16)
     assert batch.images.min() >= 0.0 and batch.images.max() <= 1.0
     with pytest.raises(GeneratorError, match="weights"):  # the same weights do not fit the other style
         CganModel(
-            _card(CganConfig(**{**network_kwargs(result.config), "style": "mednist"}), ("disc", "square")),
-            result.generator,
+            _card(CganConfig(**{**result.network, "style": "mednist"}), ("disc", "square")),
+            result.state,
         )
     out = export_torchscript(model, tmp_path / "ts")
     scripted = torch.jit.load(str(out))
@@ -158,3 +167,21 @@ def test_upsample_style_refuses_a_size_not_divisible_by_16():
         CganConfig(image_size=24, channels=1, n_labels=2, style="upsample")
     with pytest.raises(GeneratorError, match="style"):
         CganConfig(image_size=16, channels=1, n_labels=2, style="fancy")
+
+
+def test_train_stage_card_keeps_the_cgan_fields():
+    """The one ``_train_architecture`` path writes cgan's own name, description (network
+    style and the loss actually used) and tags."""
+    from generators.training import TrainedGenerator
+    from tasks.train import _NAMES, _TAGS, _describe
+
+    def trained(**network) -> TrainedGenerator:
+        return TrainedGenerator("cgan", {}, {"image_size": 16, **network}, ("a",), 0, [], 0.0, 0)
+
+    assert _describe(trained(), TrainSpec(), "demo") == (
+        "Class-conditional GAN (MONAI Generator/Discriminator, hinge loss, EMA generator) "
+        "trained by synthmed pipeline 'demo'."
+    )  # the shipped mni152_cgan card's description, word for word
+    upsample = _describe(trained(style="upsample"), TrainSpec(loss="bce"), "p")
+    assert "projection discriminator, bce loss" in upsample
+    assert _NAMES["cgan"] == "class-conditional GAN" and _TAGS["cgan"] == ("conditional", "gan")

@@ -32,16 +32,25 @@ class LatentToImage(nn.Module):
     """latent (N, D) -> sigmoid(linear) as (N, 1, size, size); each knob breaks it one way."""
 
     def __init__(
-        self, latent_dim: int = 8, size: int = 16, scale: float = 1.0, noise: float = 0.0, ignore_latent: bool = False
+        self,
+        latent_dim: int = 8,
+        size: int = 16,
+        scale: float = 1.0,
+        noise: float = 0.0,
+        ignore_latent: bool = False,
+        batch_coupled: bool = False,
     ):
         super().__init__()
         torch.manual_seed(0)
         self.linear = nn.Linear(latent_dim, size * size)
         self.size, self.scale, self.noise, self.ignore_latent = size, scale, noise, ignore_latent
+        self.batch_coupled = batch_coupled
 
     def forward(self, latent: torch.Tensor, label_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.ignore_latent:
             latent = torch.zeros_like(latent)
+        if self.batch_coupled:  # each image depends on the others: breaks the per-image seed stream
+            latent = latent - latent.mean(dim=0, keepdim=True)
         x = torch.sigmoid(self.linear(latent)).reshape(-1, 1, self.size, self.size) * self.scale
         if self.noise > 0:
             x = torch.clamp(x + self.noise * torch.rand_like(x), 0.0, 1.0)  # unseeded: breaks determinism
@@ -87,6 +96,7 @@ def test_good_models_pass_every_check(tmp_path):
         ("wrong-shape", LatentToImage(size=8), "shape"),
         ("nondeterministic", LatentToImage(noise=0.05), "deterministic"),
         ("collapsed", LatentToImage(ignore_latent=True), "seed_varies"),
+        ("batch-coupled", LatentToImage(batch_coupled=True), "seed_stream"),
     ],
 )
 def test_broken_models_fail_the_check_and_are_not_registered(tmp_path, user_registry, name, module, failed):

@@ -151,7 +151,7 @@ def test_mednist_cli_generate_png_and_parquet(tmp_path, capsys):
     assert len(files) == 3
     first = np.asarray(Image.open(files[0]))
     assert first.shape == (64, 64) and first.dtype == np.uint8
-    expected = get_generator("mednist-gan-hand").generate(3, seed=1 * 1_009).images[0, 0]
+    expected = get_generator("mednist-gan-hand").generate(3, seed=1).images[0, 0]  # image 0 of seed 1's stream
     assert np.abs(first.astype(float) - np.rint(expected * 255)).max() <= 1
     assert cli_main(["generators", "generate", "mednist-gan-hand", "-n", "2", "--output", str(tmp_path / "ds")]) == 0
     manifest = json.loads((tmp_path / "ds" / "_manifest.json").read_text())

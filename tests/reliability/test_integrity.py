@@ -22,7 +22,7 @@ import generators.shards as shards
 from generators.errors import DataError
 from generators.shards import MANIFEST_NAME, DatasetWriter, read_manifest, read_table, verify_dataset
 from generators.train_spec import TrainSpec
-from generators.training import TrainingData, train_cgan, train_generator
+from generators.training import TrainingData, train_generator
 from tasks.stages import run_stage, up_to_date, verify_inputs
 from tasks.synthesize import synthesize
 from tests.reliability.helpers import assert_one_line, cli, trained_project
@@ -297,7 +297,7 @@ def garbage(path: Path) -> None:
 def foreign(path: Path) -> None:
     """A readable checkpoint of another network (wider), recorded as intact."""
     path.unlink()
-    train_cgan(tiny_data(), spec(1).model_copy(update={"base_channels": 8}), checkpoint=path)
+    train_generator(spec(1).model_copy(update={"base_channels": 8}), tiny_data(), checkpoint=path)
 
 
 def unrecorded(path: Path) -> None:
@@ -308,18 +308,18 @@ def unrecorded(path: Path) -> None:
 def test_a_corrupt_checkpoint_is_discarded_with_one_warning_and_training_restarts(tmp_path, caplog, damage) -> None:
     torch.set_num_threads(1)
     data = tiny_data()
-    fresh = train_cgan(data, spec(2))
+    fresh = train_generator(spec(2), data)
     checkpoint = tmp_path / "generator.ckpt"
-    train_cgan(data, spec(1), checkpoint=checkpoint)  # a run stopped after epoch 1
+    train_generator(spec(1), data, checkpoint=checkpoint)  # a run stopped after epoch 1
     damage(checkpoint)
     with caplog.at_level(logging.WARNING, logger="generators.training"):
-        result = train_cgan(data, spec(2), checkpoint=checkpoint)
+        result = train_generator(spec(2), data, checkpoint=checkpoint)
     warnings = [r for r in caplog.records if r.name == "generators.training" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "unusable training checkpoint" in warnings[0].getMessage(), warnings
     assert result.resumed_from_epoch == 0
-    for key in fresh.generator:
-        torch.testing.assert_close(result.generator[key], fresh.generator[key], rtol=0, atol=0)
-    resumed = train_cgan(data, spec(2), checkpoint=checkpoint)  # the rewritten checkpoint is good
+    for key in fresh.state:
+        torch.testing.assert_close(result.state[key], fresh.state[key], rtol=0, atol=0)
+    resumed = train_generator(spec(2), data, checkpoint=checkpoint)  # the rewritten checkpoint is good
     assert resumed.resumed_from_epoch == 2
 
 

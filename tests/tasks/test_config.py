@@ -20,8 +20,11 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_pipelines_validate():
     pipelines = load_pipelines(REPO / "pipelines.yaml").pipelines
-    assert {"demo", "demo-seg"} <= set(pipelines)
-    assert pipelines["demo"].generator.train is not None
+    assert {"demo", "demo-seg", "demo-train"} <= set(pipelines)
+    # the demo selects a shipped generator by its realism; demo-train trains it in the loop
+    assert pipelines["demo"].generator.train is None
+    assert (pipelines["demo"].generator.query, pipelines["demo"].generator.rank_by) == ("mni152", "two_sample_auc")
+    assert pipelines["demo-train"].generator.train.architecture == "ldm"
 
 
 @pytest.mark.parametrize(
