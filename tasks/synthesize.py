@@ -58,6 +58,7 @@ from generators.shards import (
 from tasks.config import PipelineConfig
 from tasks.mask_sources import MAX_REJECTS_KEPT, MaskSet, load_mask_set
 from tasks.paths import PipelinePaths
+from tasks.progress import Progress
 from tasks.runtime import setup_torch
 
 log = logging.getLogger(__name__)
@@ -233,14 +234,17 @@ def write_overlapped(
     """Generate every shard on this thread; encode and write on an :class:`OrderedWorker`.
     Shards kept from an interrupted run are taken over, not made. ``masks`` as in
     :func:`generate_batches`."""
+    counter = Progress("synthesize", sum(len(plan.ids) for plan in plans), "images", every_s=15.0)
     with OrderedWorker() as io:
         for plan in plans:
             if writer.is_resumable(plan.index):
                 io.submit(_take_resumed, writer, plan.index)
+                counter.advance(len(plan.ids))
                 continue
             records: list[dict[str, Any]] = []
             for item in generate_batches(generator, plan, batch_size, masks):
                 io.submit(_extend_encoded, records, item, generator.card.ref, plan.seed, dtype)
+                counter.advance(len(item.batch.images))
             io.submit(_write_records, writer, records)
 
 

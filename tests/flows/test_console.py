@@ -73,8 +73,9 @@ def test_progress_lines_have_counts_and_eta(caplog: pytest.LogCaptureFixture) ->
 
 def test_telemetry_off_keeps_the_users_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    monkeypatch.delenv("DVC_NO_ANALYTICS", raising=False)
     monkeypatch.setenv("DO_NOT_TRACK", "0")
-    assert telemetry_off() == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    assert telemetry_off() == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
 
 
 @pytest.mark.integration
