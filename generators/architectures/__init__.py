@@ -132,6 +132,15 @@ def check_shapes(module: nn.Module, state: dict[str, torch.Tensor], card: ModelC
             )
 
 
+def check_label_count(card: ModelCard, n_labels: int) -> None:
+    """Raise unless the card lists as many class labels as the network was built for."""
+    if len(card.conditioning.labels) != n_labels:
+        raise GeneratorError(
+            f"{card.ref}: card lists {len(card.conditioning.labels)} labels but the network expects "
+            f"{n_labels}; fix conditioning.labels"
+        )
+
+
 def load_network(module: nn.Module, state: dict[str, torch.Tensor], card: ModelCard) -> None:
     """Strictly load ``state`` into ``module``; a mismatch names the card, not torch internals."""
     check_shapes(module, state, card)

@@ -39,7 +39,7 @@ from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from generators.architectures import label_indices, load_network, seeded_normal, size_levels
+from generators.architectures import check_label_count, label_indices, load_network, seeded_normal, size_levels
 from generators.architectures.mask_pool import MaskPool, check_masks, network_state, pool_state
 from generators.card import ModelCard
 from generators.contract import GeneratedBatch
@@ -150,11 +150,7 @@ class DdpmModel:
     def __init__(self, card: ModelCard, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> None:
         self.card = card
         self.cfg = DdpmConfig(**card.network)
-        if len(card.conditioning.labels) != self.cfg.n_labels:
-            raise GeneratorError(
-                f"{card.ref}: card lists {len(card.conditioning.labels)} labels but the network expects "
-                f"{self.cfg.n_labels}; fix conditioning.labels"
-            )
+        check_label_count(card, self.cfg.n_labels)
         self.device = torch.device(device)
         self.ddim_steps = self.cfg.ddim_steps
         self.mask_conditioned = self.cfg.mask_classes > 0

@@ -67,7 +67,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from torch import nn
 
-from generators.architectures import autocast, label_indices, load_network, seeded_normal
+from generators.architectures import autocast, check_label_count, label_indices, load_network, seeded_normal
 from generators.card import ModelCard
 from generators.contract import GeneratedBatch
 from generators.errors import GeneratorError
@@ -316,11 +316,7 @@ class LdmModel:
     def __init__(self, card: ModelCard, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> None:
         self.card = card
         self.cfg = LdmConfig(**card.network)
-        if len(card.conditioning.labels) != self.cfg.n_labels:
-            raise GeneratorError(
-                f"{card.ref}: card lists {len(card.conditioning.labels)} labels but the network expects "
-                f"{self.cfg.n_labels}; fix conditioning.labels"
-            )
+        check_label_count(card, self.cfg.n_labels)
         self.device = torch.device(device)
         self.sample_steps = self.cfg.sample_steps
         self.module = LdmSampler(self.cfg)

@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from monai.networks.nets import PatchDiscriminator, UNet
 from torch import nn
 
-from generators.architectures import autocast, label_indices, load_network, seeded_normal, size_levels
+from generators.architectures import (
+    autocast,
+    check_label_count,
+    label_indices,
+    load_network,
+    seeded_normal,
+    size_levels,
+)
 from generators.architectures.mask_pool import (  # noqa: F401 - POOL_PREFIX, select_pool: re-exported
     POOL_PREFIX,
     MaskPool,
@@ -143,11 +150,7 @@ class Pix2pixModel:
     ) -> None:
         self.card = card
         self.cfg = Pix2pixConfig(**card.network)
-        if len(card.conditioning.labels) != self.cfg.n_labels:
-            raise GeneratorError(
-                f"{card.ref}: card lists {len(card.conditioning.labels)} labels but the network expects "
-                f"{self.cfg.n_labels}; fix conditioning.labels"
-            )
+        check_label_count(card, self.cfg.n_labels)
         self.device = torch.device(device)
         self.mask_conditioned = True
         self.mask_classes = self.cfg.mask_classes

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from monai.networks.nets import VarAutoEncoder
 from torch import nn
 
-from generators.architectures import autocast, label_indices, load_network, seeded_normal, size_levels
+from generators.architectures import (
+    autocast,
+    check_label_count,
+    label_indices,
+    load_network,
+    seeded_normal,
+    size_levels,
+)
 from generators.card import ModelCard
 from generators.contract import GeneratedBatch
 from generators.errors import GeneratorError
@@ -89,11 +96,7 @@ class VaeModel:
     def __init__(self, card: ModelCard, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> None:
         self.card = card
         self.cfg = VaeConfig(**card.network)
-        if len(card.conditioning.labels) != self.cfg.n_labels:
-            raise GeneratorError(
-                f"{card.ref}: card lists {len(card.conditioning.labels)} labels but the network expects "
-                f"{self.cfg.n_labels}; fix conditioning.labels"
-            )
+        check_label_count(card, self.cfg.n_labels)
         self.device = torch.device(device)
         self.module = ConditionalVae(self.cfg)
         load_network(self.module, state_dict, card)
