@@ -720,7 +720,6 @@ def inference_config(lm: LatentModule, num_samples: int = 8, seed: int = 0) -> d
 
 def bundle_metadata(card: ModelCard, lm: LatentModule) -> dict[str, Any]:
     """``configs/metadata.json`` in the MONAI model-zoo schema, plus the synthmed card."""
-    import monai
 
     latent: dict[str, Any] = {
         "type": "tuples",
@@ -770,9 +769,23 @@ def bundle_metadata(card: ModelCard, lm: LatentModule) -> dict[str, Any]:
             "is_patch_data": False,
             "channel_def": {str(i): name for i, name in enumerate(card.conditioning.mask_classes)},
         }
-    required = {name: _installed(name) for name in ("pytorch-ignite", "pillow")}
+    return _metadata(
+        card,
+        "meta_schema_generator_20220718.json",
+        ("pytorch-ignite", "pillow"),
+        {"inputs": inputs, "outputs": outputs},
+    )
+
+
+def _metadata(card: ModelCard, schema: str, packages: Sequence[str], data_format: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``configs/metadata.json`` every exported bundle shares: MONAI's
+    generator ``schema`` (file name), versions, the ``packages`` installed here, the card's
+    provenance and licence, and ``network_data_format``."""
+    import monai
+
+    required = {name: _installed(name) for name in packages}
     return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_generator_20220718.json",
+        "schema": f"https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/{schema}",
         "version": card.version,
         "changelog": dict(card.changelog) or {card.version: "exported by synthmed"},
         "monai_version": monai.__version__,
@@ -788,7 +801,7 @@ def bundle_metadata(card: ModelCard, lm: LatentModule) -> dict[str, Any]:
         "intended_use": card.intended_use,
         "data_source": " ".join(x for x in (card.training.dataset, card.training.dataset_licence) if x),
         "data_type": "png",
-        "network_data_format": {"inputs": inputs, "outputs": outputs},
+        "network_data_format": data_format,
         "synthmed_card": card.model_dump(mode="json"),
     }
 
@@ -944,7 +957,6 @@ def export_diffusion_bundle(
 
 def _diffusion_metadata(card: ModelCard, noise_shape: list[int]) -> dict[str, Any]:
     """``configs/metadata.json`` of a diffusion bundle (model-zoo generator schema)."""
-    import monai
 
     h, w = card.image_size
     noise = {
@@ -967,26 +979,12 @@ def _diffusion_metadata(card: ModelCard, noise_shape: list[int]) -> dict[str, An
         "is_patch_data": False,
         "channel_def": {"0": "image"},
     }
-    return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_generator_ldm_20230507.json",
-        "version": card.version,
-        "changelog": dict(card.changelog) or {card.version: "exported by synthmed"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": {k: v for k, v in {"pillow": _installed("pillow")}.items() if v},
-        "name": card.name or card.id,
-        "task": f"Generate synthetic {card.modality} {card.anatomy} images ({card.ref})",
-        "description": card.description,
-        "authors": card.origin.authors or "synthmed",
-        "copyright": card.origin.citation or f"see LICENSE ({card.licence})",
-        "license": card.licence,
-        "intended_use": card.intended_use,
-        "data_source": " ".join(x for x in (card.training.dataset, card.training.dataset_licence) if x),
-        "data_type": "png",
-        "network_data_format": {"inputs": {"noise": noise}, "outputs": {"pred": pred}},
-        "synthmed_card": card.model_dump(mode="json"),
-    }
+    return _metadata(
+        card,
+        "meta_schema_generator_ldm_20230507.json",
+        ("pillow",),
+        {"inputs": {"noise": noise}, "outputs": {"pred": pred}},
+    )
 
 
 def _readme(card: ModelCard, lm: LatentModule) -> str:
