@@ -22,20 +22,10 @@ from generators.registry import load_generator
 from generators.seed_stream import generate_range
 from generators.torchscript import export_torchscript
 from tests.generators.test_interop import run_isolated
-from tests.generators.tiny_models import make_tiny
+from tests.generators.tiny_models import VARIANTS, make_tiny
 
 N = 200
 SEED = 4
-ALL = [
-    ("cgan", "mednist"),
-    ("cgan", "upsample"),
-    ("dcgan", "mednist"),
-    ("vae", "mednist"),
-    ("ddpm", "mednist"),
-    ("ddpm", "masks"),
-    ("pix2pix", "mednist"),
-    ("ldm", "rflow"),
-]
 
 # torch + numpy only: the documented stream, label cycle and mask-pool pick, nothing of synthmed
 RUN_TORCHSCRIPT = textwrap.dedent(
@@ -87,7 +77,7 @@ def _generate(generator, n: int = N, seed: int = SEED, batch_size: int = 64):
 
 def test_torchscript_of_every_architecture_reproduces_generate(tmp_path):
     generators, paths = {}, []
-    for architecture, style in ALL:
+    for architecture, style in VARIANTS:
         name = f"{architecture}-{style}"
         generators[name] = load_generator(make_tiny(tmp_path / name, architecture, style=style))
         paths.append(str(export_torchscript(generators[name], tmp_path / f"ts-{name}")))

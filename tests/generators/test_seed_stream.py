@@ -14,19 +14,9 @@ from generators.errors import GeneratorError
 from generators.registry import load_generator
 from generators.seed_stream import CHOICE, LATENT, generate_range, image_rng, offset, step_stream, stream_normal
 from tasks.synthesize import ShardPlan, generate_batches
-from tests.generators.tiny_models import make_tiny
+from tests.generators.tiny_models import VARIANTS, make_tiny
 
 N = 200
-ARCHITECTURES = [
-    ("cgan", "mednist"),
-    ("cgan", "upsample"),
-    ("dcgan", "mednist"),
-    ("vae", "mednist"),
-    ("ddpm", "mednist"),
-    ("ddpm", "masks"),
-    ("pix2pix", "mednist"),
-    ("ldm", "rflow"),
-]
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +51,7 @@ def _in_batches(generator, batch_size: int, n: int = N, seed: int = 3) -> tuple[
     return np.concatenate(images), labels
 
 
-@pytest.mark.parametrize(("architecture", "style"), ARCHITECTURES)
+@pytest.mark.parametrize(("architecture", "style"), VARIANTS)
 def test_images_do_not_depend_on_batch_size_or_n(tmp_path, architecture, style):
     generator = load_generator(make_tiny(tmp_path / "m", architecture, style=style))
     whole, labels = _in_batches(generator, N)

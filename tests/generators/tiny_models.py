@@ -16,6 +16,17 @@ from generators.weights import save_weights
 
 LABELS = ("healthy", "lesion")
 SIZE = 16
+#: every (architecture, style) make_tiny builds: each trainable architecture and variant
+VARIANTS = [
+    ("cgan", "mednist"),
+    ("cgan", "upsample"),
+    ("dcgan", "mednist"),
+    ("vae", "mednist"),
+    ("ddpm", "mednist"),
+    ("ddpm", "masks"),
+    ("pix2pix", "mednist"),
+    ("ldm", "rflow"),
+]
 
 
 def _mask_pool() -> dict[str, torch.Tensor]:
