@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from flows.console import configure_console, telemetry_off
-from generators.errors import ConfigError, SynthmedError
+from generators.errors import ConfigError, QualityGateError, SynthmedError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 telemetry_off()  # before Prefect is imported: no heartbeat to prefect.io, no SDK analytics (flows/console.py)
@@ -94,7 +94,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     cfg = load_pipeline(args.pipeline, args.config)
     paths = PipelinePaths(args.config.parent, args.pipeline)
-    summary = run_stage(args.verb, cfg, paths, force=not args.skip_current)
+    try:
+        summary = run_stage(args.verb, cfg, paths, force=not args.skip_current)
+    except QualityGateError as exc:
+        # under DVC a rejected set is a result, not a crash: the filter's outputs are written,
+        # retrain and report run, and summary.json's verdict says REJECTED (dvc exp show)
+        print(f"warning: {' '.join(str(exc).split())}; the report's verdict will be REJECTED", file=sys.stderr)
+        return 0
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
 
@@ -210,7 +216,11 @@ def cmd_export_synthetic(args: argparse.Namespace) -> int:
 
     load_pipeline(args.pipeline, args.config)  # a known pipeline, a valid file
     summary = export_synthetic(
-        PipelinePaths(args.config.parent, args.pipeline), args.format, args.out, dataset=args.dataset
+        PipelinePaths(args.config.parent, args.pipeline),
+        args.format,
+        args.out,
+        dataset=args.dataset,
+        allow_rejected=args.allow_rejected,
     )
     per_class = ", ".join(f"{label} {n}" for label, n in summary["per_class"].items())
     print(f"exported {summary['images']} images ({per_class}) as {args.format} to {args.out}")
@@ -318,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("filtered", "synthetic"),
         default="filtered",
         help="kept images (default) or all generated",
+    )
+    export.add_argument(
+        "--allow-rejected", action="store_true", help="export a set the quality gate rejected (to inspect it)"
     )
     export.set_defaults(func=cmd_export_synthetic)
 

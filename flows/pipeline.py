@@ -175,16 +175,19 @@ def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
             rejected, summaries[verb] = exc, {"rejected": str(exc)}
         if verb == "ingest":
             summaries["preflight"] = preflight_check(params.pipeline, str(params.config))
-    if rejected is not None:  # no DVC commit or publication of a rejected set
-        publish_artifacts(params.pipeline, summaries["report"], None)
-        raise QualityGateError(f"{rejected}; report: {summaries['report'].get('report')}")
     versions = None
-    if params.dvc_commit:
+    if params.dvc_commit:  # a rejected run is versioned too: an experiment whose verdict is REJECTED
         from flows.versioning import commit_outputs
 
         config_path = Path(params.config).resolve()
-        versions = commit_outputs(config_path.parent, params.pipeline, push=params.dvc_push, config=config_path)
+        versions = commit_outputs(
+            config_path.parent, params.pipeline, push=params.dvc_push and rejected is None, config=config_path
+        )
         summaries["versions"] = versions
+    if rejected is not None:  # never pushed or published; the run fails with the gate's message
+        publish_artifacts(params.pipeline, summaries["report"], versions)
+        recorded = "; recorded in dvc.lock with verdict REJECTED" if versions else ""
+        raise QualityGateError(f"{rejected}; report: {summaries['report'].get('report')}{recorded}")
     if cfg.storage.results_uri:
         summaries["published"] = publish(params.pipeline, str(params.config))
         logger.info("results copied to %s/%s", cfg.storage.results_uri, params.pipeline)

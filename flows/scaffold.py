@@ -48,7 +48,10 @@ NIFTI = (".nii.gz", ".nii")
 UNREADABLE_IMAGES = {".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF", ".webp": "WebP"}
 MASK_SUFFIX = "_mask"
 TINY_SIDE = 32  # pixels: below this a generator has little to learn and the filters little to check
-MAX_SIZE = 128  # the default preprocess.size is capped here (CPU-sized runs)
+MAX_SIZE = 64  # the default preprocess.size is capped here (CPU-sized runs; 128 takes ~4x longer to train)
+LDM_BATCH = 32
+AUTOENCODER_STEPS = 750  # optimiser steps of demo-train's recipe (375 epochs x 2 batches)
+DIFFUSION_STEPS = 1200  # (600 epochs x 2 batches)
 MIN_SIZE = 16
 HEADER = "# Pipelines made by `synthmed init`; see `synthmed validate` and tasks/config.py for every key.\n"
 
@@ -80,6 +83,7 @@ class Findings:
     hidden: int = 0
     outside: int = 0  # images outside any class folder
     header_errors: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # reason -> readable files ingest refuses
     pairs: list[tuple[str, str, str, str]] = field(default_factory=list)  # (image, label, subject, mask) rows
 
     @property
@@ -111,6 +115,10 @@ def _stem(path: Path) -> str:
     return path.name[: -len(_suffix(path))] if _suffix(path) else path.name
 
 
+class Refused(Exception):
+    """A readable file ingest refuses; the message is the reason (one line)."""
+
+
 def _header(path: Path) -> tuple[str, tuple[int, ...], int, str]:
     """``(format, spatial shape, channels, subject)`` from the file header, no pixels
     decoded. 2D images: shape ``(H, W)``; volumes: the 3D shape. ``subject`` is what ingest
@@ -120,6 +128,8 @@ def _header(path: Path) -> tuple[str, tuple[int, ...], int, str]:
         import nibabel as nib
 
         shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+        if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
+            raise Refused("NIfTI series with more than one volume (4D): split it into 3D volumes first")
         spatial = tuple(n for n in shape[:3] if n > 1) if len(shape) >= 3 else shape
         return "NIfTI", spatial if len(spatial) >= 2 else shape[:2], 1, _stem(path)
     if READABLE[suffix] == "DICOM":
@@ -152,6 +162,9 @@ def _add_image(findings: Findings, label: str, path: Path) -> bool:
     entry = findings.classes.setdefault(label, ClassFindings())
     try:
         fmt, shape, channels, subject = _header(path)
+    except Refused as exc:
+        findings.refused[str(exc)] += 1
+        return False
     except Exception:  # noqa: BLE001 - any header problem of one file is one counted finding
         findings.header_errors += 1
         return False
@@ -292,6 +305,8 @@ def warnings_for(findings: Findings, task: Task) -> list[str]:
     if findings.other:
         kinds = ", ".join(f"{suffix} x{n}" for suffix, n in findings.other.most_common(4))
         notes.append(f"{sum(findings.other.values())} non-image file(s) ({kinds}): ingest rejects them (rejects.json)")
+    for reason, n in sorted(findings.refused.items()):
+        notes.append(f"{n} file(s): {reason}; ingest rejects them")
     if findings.header_errors:
         notes.append(
             f"{findings.header_errors} file(s) with an unreadable header or a missing path: ingest rejects them"
@@ -331,6 +346,45 @@ def default_size(findings: Findings) -> int:
     return int(min(MAX_SIZE, max(MIN_SIZE, 2 ** int(math.log2(max(median, 1))))))
 
 
+def training_images(findings: Findings) -> int:
+    """Images ingest will likely make: one per 2D file, one per slice of a volume."""
+    return sum(c.files - c.volumes + c.slices for c in findings.classes.values())
+
+
+def default_generator(findings: Findings, segmentation: bool) -> dict[str, Any]:
+    """``generator.train`` for what was found.
+
+    Classification: the latent diffusion recipe of the shipped ``synthmed/mni152-ldm`` card
+    (pipeline ``demo-train``: the one recipe here whose images passed the realism gate; the
+    in-loop cGAN, VAE and pixel DDPM were rejected), with epochs set so training makes about
+    :data:`DIFFUSION_STEPS` optimiser steps (:data:`AUTOENCODER_STEPS` for the autoencoder)
+    whatever the number of images: ~20-25 min on a 2-core CPU at size 64.
+    Segmentation: the paired cGAN (``with_masks``; the ldm does not make masks)."""
+    if segmentation:
+        return {"architecture": "cgan", "epochs": 200, "batch_size": 16, "with_masks": True, "seed": 0}
+    train_images = max(1, int(training_images(findings) * SplitSpec().train))
+    batches = math.ceil(train_images / LDM_BATCH)
+    return {
+        "architecture": "ldm",
+        "autoencoder_channels": [16, 32],
+        "latent_channels": 4,
+        "autoencoder_epochs": max(25, math.ceil(AUTOENCODER_STEPS / batches)),
+        "autoencoder_lr": 0.0005,
+        "autoencoder_kl_weight": 0.000001,
+        "sampler": "rflow",
+        "sample_steps": 16,
+        "unet_channels": [32, 64, 64],
+        "unet_res_blocks": 1,
+        "rflow_timesteps": "logit-normal",
+        "epochs": max(50, math.ceil(DIFFUSION_STEPS / batches)),
+        "batch_size": LDM_BATCH,
+        "lr_generator": 0.0002,
+        "betas": [0.9, 0.999],
+        "checkpoint_every": 25,
+        "seed": 0,
+    }
+
+
 def pipeline_entry(findings: Findings, source: dict[str, Any], task: Task, description: str) -> dict[str, Any]:
     """A pipeline with CPU-sized defaults for what was found (plain data, validated later)."""
     channels = Counter[int]()
@@ -348,9 +402,7 @@ def pipeline_entry(findings: Findings, source: dict[str, Any], task: Task, descr
             "channels": 3 if rgb else 1,
             "split": {"train": 0.6, "val": 0.2, "test": 0.2},
         },
-        "generator": {
-            "train": {"architecture": "cgan", "epochs": 200, "batch_size": 16, "with_masks": segmentation, "seed": 0}
-        },
+        "generator": {"train": default_generator(findings, segmentation)},
         "synthesis": {"count_per_class": 100, "shard_rows": 128, "seed": 1234},
         "quality": {"label_consistency": {"enabled": not segmentation}},
         "retrain": {
@@ -524,6 +576,14 @@ def summary_lines(scaffold: Scaffold) -> list[str]:
     lines.append(
         f"preprocess.size: {scaffold.entry['preprocess']['size']}, channels: {scaffold.entry['preprocess']['channels']}"
     )
+    train = scaffold.entry["generator"]["train"]
+    if train["architecture"] == "ldm":
+        lines.append(
+            f"generator: latent diffusion (ldm), autoencoder {train['autoencoder_epochs']} + diffusion "
+            f"{train['epochs']} epochs of batch {train['batch_size']} (about 20-25 min on 2 CPU cores at size 64)"
+        )
+    else:
+        lines.append(f"generator: {train['architecture']}, {train['epochs']} epochs")
     lines += [f"warning: {note}" for note in scaffold.warnings] or ["warnings: none"]
     return lines
 

@@ -28,7 +28,9 @@ uint16, lossless), so reading a file back gives the stored array.
   ``(0011,1004)`` label. No date, time, institution or real identifier is written.
 
 Output names come from row ids (``[A-Za-z0-9._-]`` kept, anything else ``_``) and labels the
-same way; ``DIR`` must be empty or absent, so an export never overwrites other files.
+same way; ``DIR`` must be empty or absent, so an export never overwrites other files. A set
+the quality gate rejected (``quality.json`` ``gate.passed`` false) is refused unless
+``--allow-rejected``.
 """
 
 from __future__ import annotations
@@ -199,11 +201,30 @@ def _check_out(out: Path) -> None:
         )
 
 
-def export_synthetic(paths: PipelinePaths, fmt: str, out: Path, *, dataset: str = "filtered") -> dict[str, Any]:
+def _check_gate(paths: PipelinePaths) -> None:
+    """Refuse a set the quality gate rejected (``quality.json`` ``gate.passed`` false)."""
+    quality_path = paths.metrics / "quality.json"
+    try:
+        gate = json.loads(quality_path.read_text()).get("gate", {})
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"{quality_path}: no readable quality record ({type(exc).__name__}); run the filter stage "
+            f"(`synthmed run --pipeline {paths.pipeline}`) first"
+        ) from None
+    if gate.get("passed") is False:
+        raise DataError(
+            f"pipeline '{paths.pipeline}': the quality gate REJECTED this synthetic set ({quality_path}); "
+            "improve the generator and rerun, or pass --allow-rejected to export it anyway (e.g. to inspect it)"
+        )
+
+
+def export_synthetic(
+    paths: PipelinePaths, fmt: str, out: Path, *, dataset: str = "filtered", allow_rejected: bool = False
+) -> dict[str, Any]:
     """Write the pipeline's ``dataset`` (``filtered`` = kept, or ``synthetic``) to ``out`` in
     ``fmt``; returns the summary also written to ``out/export.json``. One-line
-    :class:`DataError` for an unknown format, a missing or corrupt dataset, a non-empty
-    ``out`` or RGB images for NIfTI."""
+    :class:`DataError` for an unknown format, a missing or corrupt dataset, a set the quality
+    gate rejected (unless ``allow_rejected``), a non-empty ``out`` or RGB images for NIfTI."""
     if fmt not in FORMATS:
         raise DataError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if dataset not in DATASETS:
@@ -215,6 +236,8 @@ def export_synthetic(paths: PipelinePaths, fmt: str, out: Path, *, dataset: str 
             f"`synthmed run --pipeline {paths.pipeline}` (or the stages up to filter) first"
         )
     manifest = verify_dataset(source)
+    if not allow_rejected:
+        _check_gate(paths)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = SUFFIXES[fmt]

@@ -9,12 +9,13 @@ tests/generators/test_controls.py."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from generators.shards import read_manifest
 from tasks.paths import PipelinePaths
-from tests.flows.project import make_project
+from tests.flows.project import env, make_project
 
 pytestmark = pytest.mark.integration
 
@@ -44,3 +45,34 @@ def test_a_noise_generator_fails_the_realism_gate_of_synthmed_run(prefect_harnes
     assert read_manifest(paths.filtered)["rows"] == written["totals"]["kept"] > 0  # filtered shards written
     markdown = (paths.reports / "report.md").read_text()
     assert markdown.splitlines()[2].startswith("**Verdict: REJECTED**")
+
+
+def test_a_rejected_run_is_versioned_with_its_verdict(prefect_harness, tmp_path, capsys) -> None:
+    """A rejected set is an experiment's result, not a lost run: ``synthmed run`` exits 2 after
+    ``dvc commit`` (``dvc status`` clean, summary.json's verdict REJECTED), and the filter
+    stage under DVC exits 0 with a one-line warning, so ``dvc repro``/``dvc exp run`` record it."""
+    from flows.cli import main
+    from tests.flows.project import run
+
+    quality = {
+        "label_consistency": {"enabled": True, "min_confidence": 0.0, "epochs": 1},
+        "metrics": {"extractor": "random"},
+    }
+    overrides = {"generator": {"train": {"architecture": "noise"}}, "quality": quality}
+    config = make_project(tmp_path / "proj", dvc=True, overrides=overrides)
+    root = config.parent
+    status = main(["run", "--pipeline", "tiny", "--config", str(config)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2 and last.startswith("error: rejected: ")
+    assert last.endswith("recorded in dvc.lock with verdict REJECTED")
+    assert "up to date" in run(["dvc", "status"], root)
+    summary = json.loads((PipelinePaths(root, "tiny").metrics / "summary.json").read_text())
+    assert summary["tiny"]["verdict"] == "REJECTED"
+
+    forced = subprocess.run(
+        ["dvc", "repro", "-f", "-s", "filter-tiny"], cwd=root, env=env(), capture_output=True, text=True
+    )
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    warnings = [line for line in (forced.stdout + forced.stderr).splitlines() if line.startswith("warning: rejected")]
+    assert len(warnings) == 1 and warnings[0].endswith("the report's verdict will be REJECTED")
+    assert "up to date" in run(["dvc", "status"], root)

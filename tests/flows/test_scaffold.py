@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from flows.cli import main
-from flows.scaffold import inspect_source, min_images_per_class, new_pipeline, warnings_for
+from flows.scaffold import inspect_source, min_images_per_class, new_pipeline, summary_lines, warnings_for
 from generators.errors import ConfigError
 from tasks.config import load_pipeline, load_pipelines
 from tasks.ingest import mni152_files
@@ -91,6 +91,19 @@ def test_nifti_volume_is_counted_with_its_slices(tmp_path: Path) -> None:
     assert findings.formats == {"NIfTI": 2}
 
 
+def test_a_4d_series_is_flagged_as_ingest_refuses_it(tmp_path: Path) -> None:
+    """A 4D NIfTI (fMRI-like, 3 volumes) is not counted as a usable volume: ingest refuses it."""
+    root = tmp_path / "series"
+    (root / "a").mkdir(parents=True)
+    data = np.asarray(nib.load(str(NIFTI_DIR / "anatomical.nii")).dataobj)[..., None].repeat(3, axis=3)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), root / "a" / "bold.nii.gz")
+    shutil.copy(NIFTI_DIR / "anatomical.nii", root / "a" / "anat.nii")
+    findings = inspect_source(root)
+    assert findings.classes["a"].files == 1 and findings.classes["a"].volumes == 1
+    notes = [n for n in warnings_for(findings, "classification") if "4D" in n]
+    assert notes == ["1 file(s): NIfTI series with more than one volume (4D): split it into 3D volumes first; ingest rejects them"]
+
+
 def test_new_pipeline_appends_a_valid_entry_keeping_the_file(dataset: Path, tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -105,7 +118,10 @@ def test_new_pipeline_appends_a_valid_entry_keeping_the_file(dataset: Path, tmp_
     assert set(load_pipelines(config).pipelines) == {"tiny", "scans"}
     cfg = load_pipeline("scans", config)
     assert cfg.source.kind == "folder" and cfg.source.path == str(dataset.resolve())  # outside: absolute
-    assert cfg.preprocess.size == 128 and cfg.retrain.task == "classification"
+    assert cfg.preprocess.size == 64 and cfg.retrain.task == "classification"  # capped for CPU
+    train = cfg.generator.train  # 19 files, ~11 train images: one batch of 32 per epoch
+    assert train.architecture == "ldm" and train.epochs == 1200 and train.autoencoder_epochs == 750
+    assert "generator: latent diffusion (ldm)" in "\n".join(summary_lines(scaffold))
     assert "pipelines.yaml" in scaffold.written
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert {f"{verb}-scans" for verb in ("ingest", "train", "synthesize", "filter", "retrain", "report")} <= set(stages)

@@ -6,6 +6,7 @@ synthmed CSV source."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -38,9 +39,15 @@ def _slices(count: int, size: int = 48) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _store(root: Path, *, dtype: str = "uint8", rgb: bool = False, masks: bool = False) -> dict[str, Row]:
+def _store(
+    root: Path, *, dtype: str = "uint8", rgb: bool = False, masks: bool = False, gate_passed: bool = True
+) -> dict[str, Row]:
     """A ``filtered`` dataset of pipeline ``p`` under ``root``: 3 rows each of ``upper`` and
-    ``lower/odd`` (a label that is not a safe folder name); returns the rows by id."""
+    ``lower/odd`` (a label that is not a safe folder name), and the filter's ``quality.json``
+    with ``gate.passed``; returns the rows by id."""
+    paths = PipelinePaths(root, "p")
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    (paths.metrics / "quality.json").write_text(json.dumps({"gate": {"passed": gate_passed}}))
     rows = []
     for i, (image, mask) in enumerate(_slices(6)):
         array = image.astype(np.uint16) * 257 if dtype == "uint16" else image
@@ -184,3 +191,19 @@ def test_bad_requests_are_one_line_and_write_nothing(tmp_path: Path, capsys: pyt
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     code = main(["export-synthetic", "--pipeline", "p", "--config", config, "--format", "png", "--out", str(out / "n")])
     assert code == 0 and "exported 6 images (lower/odd 3, upper 3) as png" in capsys.readouterr().out
+
+
+def test_a_rejected_set_is_refused_unless_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n  p: {source: {kind: mni152}, generator: {id: x}}\n", encoding="utf-8"
+    )
+    config = str(tmp_path / "pipelines.yaml")
+    _store(tmp_path, gate_passed=False)
+    out = tmp_path / "out"
+    code = main(["export-synthetic", "--pipeline", "p", "--config", config, "--format", "png", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "quality gate REJECTED this synthetic set" in err and "--allow-rejected" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    argv = ["export-synthetic", "--pipeline", "p", "--config", config, "--format", "png", "--out", str(out)]
+    assert main([*argv, "--allow-rejected"]) == 0
+    assert len(_manifest(out)) == 6
