@@ -101,7 +101,9 @@ def test_a_4d_series_is_flagged_as_ingest_refuses_it(tmp_path: Path) -> None:
     findings = inspect_source(root)
     assert findings.classes["a"].files == 1 and findings.classes["a"].volumes == 1
     notes = [n for n in warnings_for(findings, "classification") if "4D" in n]
-    assert notes == ["1 file(s): NIfTI series with more than one volume (4D): split it into 3D volumes first; ingest rejects them"]
+    assert notes == [
+        "1 file(s): NIfTI series with more than one volume (4D): split it into 3D volumes first; ingest rejects them"
+    ]
 
 
 def test_new_pipeline_appends_a_valid_entry_keeping_the_file(dataset: Path, tmp_path: Path) -> None:
