@@ -2,9 +2,13 @@
 DataLoader), visualise, contribute (conformance-checked) and export.
 
     from generators import api
-    api.search("hand x-ray")                       # registry entries, best match first
-    api.rank("fid", modality="mammography")        # by a metric, best first
-    api.show("mednist-gan-hand")                   # the ModelCard
+    api.search("hand x-ray")                       # registry entries matching every term
+    api.search(["Mammography", "128x128", "DCGAN"])  # medigan's query: the same 3 models
+    api.rank("fid", modality="mammography")        # by a metric, best first (order="asc"|"desc")
+    api.show("mednist-gan-hand")                   # the ModelCard (also "1", "00001_DCGAN_MMG_CALC_ROI")
+    api.get_config("1", "selection.performance.FID")  # dotted lookup, as medigan's get_config_by_id
+    api.get_selection_values("modality")           # values of a selection key -> card counts
+    api.find_and_generate("hand x-ray", 16)        # search, then generate with the one match
     api.get_generator("mednist-gan-hand").generate(16, seed=0)   # float32 (16, 1, 64, 64)
     api.get_dataloader("mednist-gan-hand", length=256, batch_size=32)
     api.visualise("mednist-gan-hand", "out/")      # samples.png, interpolation.png
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,25 +29,181 @@ from generators.card import ModelCard
 from generators.compiled import compile_generator
 from generators.contract import GeneratedBatch, Generator
 from generators.errors import GeneratorError
-from generators.registry import Entry, find, load_generator
+from generators.registry import Entry, find, list_entries, load_generator
 from generators.registry import search as _search
+from generators.search import (
+    config_value,
+    matched_terms,
+    metric_of,
+    selection_keys,
+    selection_values,
+    terms_of,
+)
 from generators.seed_stream import generate_range
 from generators.shards import Row, encode_png, from_unit_float, write_dataset
 
 
-def search(query: str = "", **filters: str) -> list[Entry]:
-    """Registry entries matching free text and ``field=value`` filters, best match first."""
-    return _search(query, {k: str(v) for k, v in filters.items()})
+def search(
+    query: str | Sequence[str] = "",
+    *,
+    match: str = "all",
+    exact: bool = True,
+    case_sensitive: bool = False,
+    match_keys: bool = False,
+    rank_by: str | None = None,
+    order: str | None = None,
+    **filters: str,
+) -> list[Entry]:
+    """Registry entries matching the terms of ``query`` (a string is split on whitespace; a
+    list keeps each term whole) and ``field=value`` filters. Defaults are medigan's
+    ``find_matching_models_by_values``: every term (``match="all"``; ``"any"`` for one),
+    whole values (``exact``; False finds parts), case-insensitive; ``match_keys`` also
+    matches selection keys. See :func:`generators.registry.search`."""
+    return _search(
+        query,
+        {k: str(v) for k, v in filters.items()},
+        rank_by,
+        match=match,
+        exact=exact,
+        case_sensitive=case_sensitive,
+        match_keys=match_keys,
+        order=order,
+    )
 
 
-def rank(metric: str, query: str = "", **filters: str) -> list[Entry]:
-    """Matching entries ordered by ``metric`` (best first by its direction; missing last)."""
-    return _search(query, {k: str(v) for k, v in filters.items()}, rank_by=metric)
+def rank(
+    metric: str,
+    query: str | Sequence[str] = "",
+    *,
+    order: str | None = None,
+    match: str = "all",
+    exact: bool = True,
+    case_sensitive: bool = False,
+    match_keys: bool = False,
+    **filters: str,
+) -> list[Entry]:
+    """Matching entries ordered by ``metric`` (``order`` None: best first by the metric's
+    direction; ``"asc"``/``"desc"``: by value, as medigan's ``order``; missing last)."""
+    return search(
+        query,
+        match=match,
+        exact=exact,
+        case_sensitive=case_sensitive,
+        match_keys=match_keys,
+        rank_by=metric,
+        order=order,
+        **filters,
+    )
 
 
 def show(ref: str) -> ModelCard:
-    """The card of ``id`` or ``id@version``."""
+    """The card of ``id`` or ``id@version`` (or a medigan model number or id, e.g. ``"1"``)."""
     return find(ref).card
+
+
+def get_config(ref: str, key: str | None = None) -> Any:
+    """The card as a dict, or the value at dotted ``key`` (medigan's ``get_config_by_id``):
+    card fields (``metrics.fid.value``) or a medigan card's ``global.json`` entry
+    (``selection.performance.FID``). A missing key raises a one-line GeneratorError
+    naming the keys there."""
+    card = find(ref).card
+    return card.model_dump(mode="json") if key is None else config_value(card, key)
+
+
+def get_selection_keys() -> dict[str, int]:
+    """Selection keys search terms are matched against -> number of cards with each."""
+    return selection_keys(e.card for e in list_entries())
+
+
+def get_selection_values(key: str) -> dict[str, int]:
+    """Values of a selection key (dotted, e.g. ``performance.FID``) -> number of cards."""
+    return selection_values(key, (e.card for e in list_entries()))
+
+
+def find_and_generate(
+    query: str | Sequence[str],
+    n: int,
+    *,
+    rank_by: str | None = None,
+    order: str | None = None,
+    match: str = "all",
+    exact: bool = True,
+    case_sensitive: bool = False,
+    match_keys: bool = False,
+    filters: dict[str, str] | None = None,
+    seed: int = 0,
+    condition: str | None = None,
+    output: Path | str | None = None,
+    fmt: str = "parquet",
+    device: str = "cpu",
+    allow_code: bool = False,
+) -> GeneratedBatch | Path:
+    """Search, then generate ``n`` images with the best match (medigan's
+    ``find_model_and_generate``; with ``rank_by`` its ``find_models_rank_and_generate``).
+
+    The best match is the only card matching (without ``rank_by``, several equally good
+    matches are an error listing them, as in medigan), or the first by ``rank_by``/``order``;
+    of several versions of one id, the latest counts (as in :func:`show`).
+    A best match whose weights cannot run here (a search-only medigan card) is a one-line
+    GeneratorError; it is not silently replaced by a worse match. Returns the images as a
+    GeneratedBatch (float32 (n, C, H, W) in the card's ``value_range``; image ``i`` is
+    image ``i`` of ``seed``'s stream, as :func:`generate`), or, with ``output``, writes them
+    there as :func:`generate` does and returns the path."""
+    if n < 1:
+        raise GeneratorError(f"expected n >= 1, got {n}")
+    terms = terms_of(query)
+    found = _search(
+        terms,
+        filters,
+        rank_by,
+        match=match,
+        exact=exact,
+        case_sensitive=case_sensitive,
+        match_keys=match_keys,
+        order=order,
+    )
+    if not found:
+        raise GeneratorError(
+            f"no generator matches {terms} ({match} of the terms, {'whole values' if exact else 'substrings'}); "
+            "see 'synthmed generators keys' for the values, or relax with match='any' / exact=False"
+        )
+    latest = {e.card.id: e for e in sorted(found, key=lambda e: (e.card.id, e.card.version))}
+    found = [e for e in found if latest[e.card.id] is e]  # one version per id: the one find() picks
+    best = found[0]
+    if rank_by and metric_of(best.card, rank_by) is None:
+        raise GeneratorError(f"none of the {len(found)} matching generators has the metric '{rank_by}'")
+    if not rank_by:
+
+        def hits(entry: Entry) -> int:
+            return len(
+                matched_terms(entry.card, terms, exact=exact, case_sensitive=case_sensitive, match_keys=match_keys)
+            )
+
+        top = [e for e in found if hits(e) == hits(best)]
+        if len(top) > 1:
+            shown = ", ".join(e.card.ref for e in top[:10]) + (" ..." if len(top) > 10 else "")
+            raise GeneratorError(
+                f"{len(top)} generators match {terms} equally: {shown}; add terms or filters, or pick the best "
+                "with rank_by (e.g. rank_by='fid')"
+            )
+    card = best.card
+    if card.architecture == "external" or not card.available:
+        raise GeneratorError(
+            f"the best match {card.ref} has no runnable weights here (listed for search only); register its "
+            "weights (see its card's origin) or narrow the search to runnable ones with filters={'available': 'true'}"
+        )
+    if output is not None:
+        return generate(
+            card.ref,
+            n,
+            seed=seed,
+            condition=condition,
+            output=Path(output),
+            fmt=fmt,
+            device=device,
+            allow_code=allow_code,
+        )
+    return generate_range(load_generator(best, device, allow_code=allow_code), 0, n, seed, condition)
 
 
 def get_generator(ref: str, device: str = "cpu", *, allow_code: bool = False, compile: bool = False) -> Generator:
@@ -172,9 +332,17 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
     interleaves them back in order)."""
 
     def __init__(
-        self, ref: str, length: int, seed: int = 0, batch_size: int = 64, device: str = "cpu", compile: bool = False
+        self,
+        ref: str,
+        length: int,
+        seed: int = 0,
+        batch_size: int = 64,
+        device: str = "cpu",
+        compile: bool = False,
+        *,
+        allow_code: bool = False,
     ) -> None:
-        self.generator = get_generator(ref, device, compile=compile)
+        self.generator = get_generator(ref, device, allow_code=allow_code, compile=compile)
         self.length, self.seed, self.batch_size = length, seed, batch_size
         self.labels = list(self.generator.card.conditioning.labels)
 
@@ -196,9 +364,20 @@ class SyntheticDataset(torch.utils.data.IterableDataset):
 
 
 def get_dataloader(
-    ref: str, length: int, batch_size: int = 32, seed: int = 0, device: str = "cpu", compile: bool = False
+    ref: str,
+    length: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    compile: bool = False,
+    *,
+    allow_code: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A torch DataLoader of synthetic samples for a user's own training loop; sample ``i``
-    of an epoch is image ``i`` of ``seed``'s stream, whatever ``batch_size``."""
-    dataset = SyntheticDataset(ref, length, seed, batch_size=batch_size, device=device, compile=compile)
+    of an epoch is image ``i`` of ``seed``'s stream, whatever ``batch_size``. Generators
+    whose loading runs code from their files (TorchScript, medigan packages) need
+    ``allow_code=True``, as in :func:`get_generator`."""
+    dataset = SyntheticDataset(
+        ref, length, seed, batch_size=batch_size, device=device, compile=compile, allow_code=allow_code
+    )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)

@@ -30,16 +30,21 @@ ARCHITECTURES = (
     "monai_bundle",
     "torchscript",
     "external",
+    "medigan",  # a medigan model package run in a subprocess (generators.medigan_package)
 )
 
 
 def known_architectures() -> tuple[str, ...]:
-    """``ARCHITECTURES`` plus any key of ``generators.architectures.LOADERS``."""
+    """``ARCHITECTURES`` plus any key of ``generators.architectures.LOADERS`` and the
+    architectures of installed packages (``generators.plugins``, entry-point group
+    ``synthmed.architectures``)."""
+    from generators.plugins import plugin_names
+
     try:
         from generators.architectures import LOADERS
     except ImportError:
-        return ARCHITECTURES
-    return tuple(dict.fromkeys((*ARCHITECTURES, *LOADERS)))
+        LOADERS = {}
+    return tuple(dict.fromkeys((*ARCHITECTURES, *LOADERS, *plugin_names())))
 
 
 MAX_ID_CHARS = 128
@@ -94,7 +99,7 @@ class Weights(CardModel):
 
     file: str | None = None
     sha256: str | None = None
-    format: Literal["safetensors", "torch", "torchscript"] = "safetensors"
+    format: Literal["safetensors", "torch", "torchscript", "zip"] = "safetensors"  # zip: a medigan model package
 
     @field_validator("file")
     @classmethod
@@ -139,6 +144,11 @@ class ModelCard(CardModel):
     intended_use: str = "research only; not for clinical use"
     origin: Origin = Origin()
     tags: tuple[str, ...] = ()
+    medigan: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a medigan model's global.json entry (execution, selection, description), verbatim: every "
+        "medigan field (augmentations, dates, vendors, centres, privacy, ...) and what medigan-style search matches",
+    )
 
     @field_validator("id")
     @classmethod

@@ -24,10 +24,17 @@ makes the rest meaningless:
 ``register(card, weights)`` copies the card and weights into a staging directory of the
 user registry, checks them there and moves them to ``<registry>/<id>/<version>/`` only if
 every check passed.
+
+``init_card(weights, architecture, ...)`` writes a starting card (``synthmed generators
+card-init``): the weights' sha256 filled in, the architecture's ``network`` keys with their
+defaults (``network_keys``), and ``TODO: ...`` placeholders that the ``card`` check refuses
+by name until they are filled in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import shutil
 import tempfile
@@ -35,14 +42,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from generators.card import ModelCard, load_card, save_card
+from generators.card import ModelCard, card_error, load_card, save_card
 from generators.contract import GeneratedBatch, Generator
 from generators.errors import GeneratorError, SynthmedError
 from generators.registry import Entry, list_entries, load_generator, safe_join, user_registry_dir
 from generators.seed_stream import generate_range
+from generators.shards import sha256_file
 from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
@@ -177,6 +187,12 @@ def _run_checks(entry: Entry, card: ModelCard, checks: _Checks, n: int, device: 
     must(
         "card", card.available and card.architecture != "external", f"{card.architecture}, weights {card.weights.file}"
     )
+    todo = placeholders(card)
+    if todo:
+        checks.items[-1] = Check(
+            "card", False, f"fill in the placeholders {', '.join(todo)} (values starting with '{PLACEHOLDER}:')"
+        )
+        raise _Stop
     weights = entry.weights_path
     must("weights", weights is not None and weights.is_file(), str(weights))
     try:
@@ -332,3 +348,148 @@ def register(
             shutil.rmtree(staging)
     log.info("registered %s in %s", card.ref, destination)
     return Entry(card, destination / "card.yaml"), report
+
+
+# ---------------------------------------------------------------------------------------- card-init
+
+PLACEHOLDER = "TODO"
+#: built-in architecture -> (module, dataclass of its card ``network`` mapping)
+NETWORK_CONFIGS = {
+    "cgan": ("generators.architectures.cgan", "CganConfig"),
+    "dcgan": ("generators.architectures.dcgan", "DcganConfig"),
+    "vae": ("generators.architectures.vae", "VaeConfig"),
+    "ddpm": ("generators.architectures.ddpm", "DdpmConfig"),
+    "ldm": ("generators.architectures.ldm", "LdmConfig"),
+    "pix2pix": ("generators.architectures.pix2pix", "Pix2pixConfig"),
+    "noise": ("generators.architectures.controls", "ControlConfig"),
+    "blobs": ("generators.architectures.controls", "ControlConfig"),
+    "real-holdout": ("generators.architectures.controls", "ControlConfig"),
+    "torchscript": ("generators.torchscript", "TorchScriptNetwork"),
+}
+_MISSING = object()
+
+
+def network_keys(architecture: str) -> list[tuple[str, str, Any]]:
+    """``(key, type, default)`` of a built-in architecture's card ``network`` mapping, read
+    from its config class (default ``_MISSING`` when required); ``[]`` for other architectures."""
+    if architecture not in NETWORK_CONFIGS:
+        return []
+    module, name = NETWORK_CONFIGS[architecture]
+    config = getattr(importlib.import_module(module), name)
+    if dataclasses.is_dataclass(config):
+        out = []
+        for item in dataclasses.fields(config):
+            default = item.default if item.default is not dataclasses.MISSING else _MISSING
+            out.append((item.name, str(item.type), default))
+        return out
+    return [  # a pydantic model (torchscript)
+        (
+            key,
+            getattr(field.annotation, "__name__", str(field.annotation)).replace("typing.", ""),
+            _MISSING if field.is_required() else field.default,
+        )
+        for key, field in config.model_fields.items()
+    ]
+
+
+def placeholders(card: ModelCard) -> list[str]:
+    """Dotted names of the card's values still starting with ``TODO:`` (left by card-init);
+    a medigan card's verbatim ``medigan`` entry is upstream data and not searched."""
+    found: list[str] = []
+
+    def walk(value: Any, key: str) -> None:
+        if key == "medigan":
+            return
+        if isinstance(value, str) and value.startswith(f"{PLACEHOLDER}:"):
+            found.append(key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+
+    walk(card.model_dump(mode="json"), "")
+    return found
+
+
+def _weights_format(weights: Path, architecture: str) -> str:
+    suffix = weights.suffix.lower()
+    if architecture == "torchscript" or suffix == ".ts":
+        return "torchscript"
+    if suffix == ".zip":
+        return "zip"
+    return "safetensors" if suffix == ".safetensors" else "torch"
+
+
+def init_card(
+    weights: Path | str,
+    architecture: str,
+    out: Path | str,
+    *,
+    image_size: tuple[int, int],
+    channels: int = 1,
+    card_id: str | None = None,
+    version: str = "0.1.0",
+    labels: tuple[str, ...] = (),
+    latent_dim: int | None = None,
+    network: dict[str, Any] | None = None,
+    modality: str | None = None,
+    anatomy: str | None = None,
+    licence: str | None = None,
+) -> ModelCard:
+    """Write a starting card to ``out`` for ``weights``: sha256 and format filled in, the
+    ``network`` keys of ``architecture`` with their defaults (``image_size``, ``channels``,
+    ``n_labels``, ``latent_dim`` from the arguments; ``network`` overrides), and
+    ``TODO: ...`` placeholders for what only the author knows. ``weights.file`` is the path
+    relative to the card when the weights sit in its folder, else the file name (pass the
+    weights to ``check``/``add``, which copy them next to the card). Returns the card."""
+    weights, out = Path(weights), Path(out)
+    if not weights.is_file():
+        raise GeneratorError(f"{weights}: weights file not found; pass the path of the trained weights")
+    if out.exists():
+        raise GeneratorError(f"{out}: exists; pick a new file name for the card (card-init never overwrites)")
+    h, w = (int(v) for v in image_size)
+    values = {"image_size": h, "channels": channels, "n_labels": len(labels), "latent_dim": latent_dim}
+    net: dict[str, Any] = {}
+    for key, kind, default in network_keys(architecture):
+        if key in values and values[key] is not None:
+            net[key] = values[key]
+        elif default is not _MISSING:
+            net[key] = list(default) if isinstance(default, tuple) else default
+        else:
+            net[key] = f"{PLACEHOLDER}: {kind}"
+    net.update(network or {})
+    try:
+        relative = str(weights.resolve().relative_to(out.resolve().parent))
+    except ValueError:
+        relative = weights.name
+    todo = PLACEHOLDER + ": {}"
+    data = {
+        "id": card_id or f"contrib/{weights.stem}",
+        "version": version,
+        "name": todo.format("a short human-readable name"),
+        "description": todo.format("what it generates, how it was trained, known limitations"),
+        "architecture": architecture,
+        "network": net,
+        "modality": modality or todo.format("imaging modality, e.g. MRI"),
+        "anatomy": anatomy or todo.format("body part, e.g. brain"),
+        "image_size": [h, w],
+        "channels": channels,
+        "latent_dim": latent_dim,
+        "conditioning": {"labels": list(labels)},
+        "training": {
+            "dataset": todo.format("training data set (name, version, URL)"),
+            "dataset_licence": todo.format("the training data's licence, e.g. CC BY-SA 4.0"),
+        },
+        "licence": licence or todo.format("the weights' licence, e.g. Apache-2.0"),
+        "weights": {"file": relative, "sha256": sha256_file(weights), "format": _weights_format(weights, architecture)},
+        "origin": {"kind": "contributed", "authors": todo.format("authors"), "citation": ""},
+    }
+    try:
+        card = ModelCard.model_validate(data)
+    except ValidationError as exc:
+        raise card_error(exc, f"card-init {out}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_card(card, out)
+    return card

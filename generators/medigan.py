@@ -8,6 +8,11 @@ comment). Each entry becomes one card ``<out>/<model id>/card.yaml`` with id
 from a downloaded package, which synthmed never downloads or installs, so the cards carry
 no weights (``card.available`` is False). They are still listed, searchable and rankable
 by their published metrics next to synthmed's own generators.
+
+The whole ``global.json`` entry is kept verbatim in ``card.medigan`` (augmentations,
+dates, vendors, centres, privacy fields, ...): ``generators.search`` matches search
+terms against its ``selection`` section exactly as medigan does, and ``synthmed
+generators show ID --key description.trained_date`` reads any of its fields.
 """
 
 from __future__ import annotations
@@ -202,6 +207,7 @@ def card_from_entry(model_id: str, entry: dict[str, Any]) -> ModelCard:
                 "weights-unavailable",
             ]
         ),
+        "medigan": json.loads(json.dumps(entry)),  # every field, verbatim (a copy: cards are immutable)
     }
     try:
         return ModelCard.model_validate(card)
@@ -225,7 +231,9 @@ def read_medigan_index(path: Path | str) -> dict[str, dict[str, Any]]:
 def import_medigan(global_json: Path | str, out: Path | str) -> list[ModelCard]:
     """Write one card per medigan model under ``out`` (``<out>/<model id>/card.yaml``), plus
     medigan's LICENSE when it sits next to ``global_json``. Every entry is validated
-    before anything is written. Re-importing overwrites the cards. Returns the cards."""
+    before anything is written. Re-importing overwrites the cards, and the registry lists
+    each ``id@version`` once (:func:`generators.registry.list_entries`), so an import into the
+    user registry next to the shipped cards does not list any model twice. Returns the cards."""
     global_json, out = Path(global_json), Path(out)
     index = read_medigan_index(global_json)
     cards = {model_id: card_from_entry(model_id, entry) for model_id, entry in sorted(index.items())}

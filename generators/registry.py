@@ -1,8 +1,8 @@
 """The generator registry: list, search, rank and load model cards.
 
 A registry is a set of directories, each holding ``<name>/card.yaml`` (+ weights next
-to the card). Shipped with synthmed: ``generators/cards`` and ``generators/zoo`` (the
-MedNIST GAN bundle, the medigan index). The user registry is ``SYNTHMED_REGISTRY``
+to the card). Shipped with synthmed: ``generators/zoo`` (the MNI152 cards, the MedNIST GAN
+bundle, the medigan index). The user registry is ``SYNTHMED_REGISTRY``
 (``os.pathsep``-separated; ``synthmed generators add`` writes into the first one) or,
 when that is unset, ``~/.synthmed/generators``.
 """
@@ -12,21 +12,20 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from generators.card import ModelCard, load_card
 from generators.contract import Generator
 from generators.errors import ConfigError, GeneratorError
 from generators.safe_paths import safe_join
+from generators.search import check_mode, matched_terms, rank_key, resolve_id, selection, terms_of
 from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
-SHIPPED_CARDS = Path(__file__).resolve().parent / "cards"
 SHIPPED_ZOO = Path(__file__).resolve().parent / "zoo"
-NEEDS_CODE = ("torchscript",)  # architectures whose loading runs code from the weights file
+NEEDS_CODE = ("torchscript", "medigan")  # architectures whose loading runs code from the model files
 
 
 @dataclass(frozen=True)
@@ -58,22 +57,24 @@ def user_registry_dir() -> Path:
 
 
 def registry_dirs(extra: Iterable[Path] = ()) -> list[Path]:
-    return [SHIPPED_CARDS, SHIPPED_ZOO, *extra, *user_registry_dirs()]
+    return [SHIPPED_ZOO, *extra, *user_registry_dirs()]
 
 
 _WARNED: set[tuple[str, str]] = set()  # (card path, reason) already warned about in this process
 
 
 def list_entries(dirs: Iterable[Path] | None = None) -> list[Entry]:
-    """Every valid card under the registry directories, sorted by id then version. A
-    broken card (invalid YAML or fields) is skipped with one warning line naming its
-    file and the reason, so it cannot hide the others; ``synthmed generators check
-    <card>`` reports it in full."""
-    entries = []
+    """Every valid card under the registry directories, sorted by id then version, each
+    ``id@version`` once: a card in a later directory (the user registry comes after the
+    shipped zoo) replaces one with the same ref in an earlier one, so re-importing medigan's
+    index into the user registry does not list its models twice. A broken card (invalid
+    YAML or fields) is skipped with one warning line naming its file and the reason, so it
+    cannot hide the others; ``synthmed generators check <card>`` reports it in full."""
+    entries: dict[str, Entry] = {}
     for directory in dirs if dirs is not None else registry_dirs():
         for card_path in sorted(Path(directory).glob("**/card.yaml")):
             try:
-                entries.append(Entry(load_card(card_path), card_path))
+                entry = Entry(load_card(card_path), card_path)
             except ConfigError as exc:
                 reason = " ".join(str(exc).split())
                 if (str(card_path), reason) not in _WARNED:
@@ -84,74 +85,88 @@ def list_entries(dirs: Iterable[Path] | None = None) -> list[Entry]:
                         reason.removeprefix(f"{card_path}: "),
                         card_path,
                     )
-    return sorted(entries, key=lambda e: (e.card.id, e.card.version))
-
-
-def _searchable_text(card: ModelCard) -> str:
-    h, w = card.image_size
-    parts = [
-        card.id,
-        card.name,
-        card.description,
-        card.architecture,
-        card.modality,
-        card.anatomy,
-        f"{h}x{w}",
-        *card.tags,
-        *card.conditioning.labels,
-        card.training.dataset,
-        card.licence,
-        "masks" if card.conditioning.masks else "",
-    ]
-    return " ".join(p for p in parts if p).lower()
+                continue
+            if entry.card.ref in entries:
+                log.debug("%s: %s replaces %s", entry.card.ref, card_path, entries[entry.card.ref].path)
+            entries[entry.card.ref] = entry
+    return sorted(entries.values(), key=lambda e: (e.card.id, e.card.version))
 
 
 def search(
-    query: str = "",
+    query: str | Sequence[str] = "",
     filters: dict[str, str] | None = None,
     rank_by: str | None = None,
     entries: list[Entry] | None = None,
+    *,
+    match: str = "all",
+    exact: bool = True,
+    case_sensitive: bool = False,
+    match_keys: bool = False,
+    order: str | None = None,
 ) -> list[Entry]:
-    """Cards matching every word of ``query`` (free text) and every ``key=value`` filter
-    (card fields, dotted for nested ones, case-insensitive; ``available=true|false``
-    filters on weights being present), ranked by how many words matched, or by the metric
-    ``rank_by`` (best first, as the metric's direction says; cards without it come last)."""
+    """Cards matching the search terms of ``query`` and every ``key=value`` filter.
+
+    The defaults are medigan's (``find_matching_models_by_values``): ``match="all"`` keeps
+    cards that match every term (medigan ``AND``: adding a term narrows the result),
+    ``exact=True`` compares whole values, case-insensitively (``x-ray`` does not match
+    ``x-ray mammography``; ``128x128`` matches the value ``128x128``), so a query gives
+    medigan's result set for medigan's models. ``match="any"`` keeps cards matching one term
+    (medigan ``OR``), ranked by how many matched; ``exact=False`` finds a term inside a value
+    or the card's text (``mammo``); ``case_sensitive`` and ``match_keys`` as medigan's
+    ``is_case_sensitive`` and ``are_keys_also_matched``. The earlier default (any word,
+    substring) is ``match="any", exact=False``. Terms and the values they are matched
+    against: :mod:`generators.search` (a string query is split on whitespace, a list keeps
+    each item whole).
+
+    Filters: card fields (dotted for nested ones, e.g. ``origin.kind``), else selection keys
+    (``organ=breast``, ``performance.FID=67.6``), case-insensitive, a list matching through
+    any item; ``available=true|false`` filters on weights being present.
+
+    Order: by the metric ``rank_by`` when given (``order`` None: best first by the metric's
+    direction; ``"asc"``/``"desc"``: by value, as medigan's ``order``; cards without it
+    last), else by how many terms matched, then id."""
     entries = list_entries() if entries is None else entries
-    words = [w for w in re.split(r"\s+", query.lower().strip()) if w]
+    check_mode(match, order)
+    terms = terms_of(query)
+    filters = filters or {}
+    _check_filter_keys(filters, entries)
     scored = []
     for entry in entries:
-        text = _searchable_text(entry.card)
-        hits = sum(1 for w in words if w in text)
-        if words and hits == 0:
+        hits = len(matched_terms(entry.card, terms, exact=exact, case_sensitive=case_sensitive, match_keys=match_keys))
+        if terms and (hits == 0 if match == "any" else hits < len(set(terms))):
             continue
-        if filters and not all(_field_matches(entry.card, k, v) for k, v in filters.items()):
+        if not all(_field_matches(entry.card, k, v) for k, v in filters.items()):
             continue
         scored.append((hits, entry))
     if rank_by:
-
-        def metric_key(item: tuple[int, Entry]) -> tuple[int, float]:
-            metric = item[1].card.metrics.get(rank_by)
-            if metric is None:
-                return (1, 0.0)
-            return (0, -metric.value if metric.higher_is_better else metric.value)
-
-        scored.sort(key=metric_key)
+        scored.sort(key=lambda item: rank_key(item[1].card, rank_by, order))
     else:
         scored.sort(key=lambda item: -item[0])
     return [entry for _, entry in scored]
 
 
+def _check_filter_keys(filters: dict[str, str], entries: list[Entry]) -> None:
+    known = {*ModelCard.model_fields, "available"}
+    selection_known = {key for e in entries for key in selection(e.card)}
+    for key in filters:
+        if key.split(".")[0] not in known | selection_known:
+            raise GeneratorError(
+                f"unknown card field '{key}'; use one of: {', '.join(sorted(known))}; "
+                f"or a selection key: {', '.join(sorted(selection_known)) or 'none'} "
+                "(list them with 'synthmed generators keys')"
+            )
+        if key == "available" and filters[key].lower() not in ("true", "false"):
+            raise GeneratorError(f"filter available={filters[key]}: expected true or false")
+
+
 def _field_matches(card: ModelCard, key: str, value: str) -> bool:
     if key == "available":
-        if value.lower() not in ("true", "false"):
-            raise GeneratorError(f"filter available={value}: expected true or false")
         return card.available == (value.lower() == "true")
-    current: object = card.model_dump(mode="json")
+    source: object = card.model_dump(mode="json") if key.split(".")[0] in ModelCard.model_fields else selection(card)
+    current = source
     for part in key.split("."):
         if not isinstance(current, dict) or part not in current:
-            raise GeneratorError(
-                f"unknown card field '{key}'; use one of: {', '.join(sorted([*ModelCard.model_fields, 'available']))}"
-            )
+            return False  # this card lacks the key (medigan: the model is not a match)
         current = current[part]
     if isinstance(current, (list, tuple)):
         return any(str(v).lower() == value.lower() for v in current)
@@ -159,10 +174,18 @@ def _field_matches(card: ModelCard, key: str, value: str) -> bool:
 
 
 def find(ref: str, entries: list[Entry] | None = None) -> Entry:
-    """Look up ``id`` or ``id@version`` (latest version when none is given)."""
+    """Look up ``id`` or ``id@version`` (latest version when none is given); ``id`` may also
+    be a medigan model number (``1``, ``00001``) or medigan id (``00001_DCGAN_MMG_CALC_ROI``),
+    see :func:`generators.search.resolve_id`. A ref naming several cards is an error that
+    lists them."""
     entries = list_entries() if entries is None else entries
     wanted_id, _, version = ref.partition("@")
-    matches = [e for e in entries if e.card.id == wanted_id and (not version or e.card.version == version)]
+    ids = resolve_id(wanted_id, (e.card.id for e in entries))
+    if len(ids) > 1:
+        raise GeneratorError(
+            f"'{ref}' is ambiguous: it names {', '.join(ids[:20])}{' ...' if len(ids) > 20 else ''}; give the full id"
+        )
+    matches = [e for e in entries if e.card.id in ids and (not version or e.card.version == version)]
     if not matches:
         known = sorted({e.card.ref for e in entries})
         guess = difflib.get_close_matches(ref, known, n=1)
@@ -173,11 +196,16 @@ def find(ref: str, entries: list[Entry] | None = None) -> Entry:
 
 
 def _architecture_loaders() -> dict:
+    """Built-in loaders (``generators.architectures.LOADERS``) plus those of installed
+    packages (entry-point group ``synthmed.architectures``, ``generators.plugins``); a
+    package name that clashes with a built-in raises a one-line GeneratorError."""
+    from generators.plugins import plugin_loaders
+
     try:
         from generators.architectures import LOADERS
     except ImportError:
-        return {}
-    return dict(LOADERS)
+        LOADERS = {}
+    return {**plugin_loaders(), **LOADERS}
 
 
 def load_generator(entry: Entry | Path | str, device: str = "cpu", *, allow_code: bool = False) -> Generator:
@@ -196,7 +224,8 @@ def load_generator(entry: Entry | Path | str, device: str = "cpu", *, allow_code
     if card.architecture == "external":
         raise GeneratorError(
             f"{card.ref}: an external model (e.g. from medigan) runs its own code and is listed for search only; "
-            "convert it to TorchScript or a MONAI bundle and register that with 'synthmed generators add'"
+            "download its package and register it with 'synthmed generators import-medigan-model PACKAGE.zip "
+            "--allow-code', or convert it to TorchScript or a MONAI bundle and register that"
         )
     if weights is None:
         raise GeneratorError(
@@ -208,13 +237,17 @@ def load_generator(entry: Entry | Path | str, device: str = "cpu", *, allow_code
     if card.architecture in loaders:
         return loaders[card.architecture](card, weights, device)
     if card.architecture == "monai_bundle":
-        from generators.bundle import load_bundle_generator
+        from generators.bundle_runtime import load_bundle_generator
 
         return load_bundle_generator(card, weights, device, allow_code=allow_code, card_dir=entry.path.parent)
     if card.architecture == "torchscript":
         from generators.torchscript import load_torchscript_generator
 
         return load_torchscript_generator(card, weights, device, allow_code=allow_code)
+    if card.architecture == "medigan":
+        from generators.medigan_package import load_medigan_generator
+
+        return load_medigan_generator(card, weights, device, allow_code=allow_code)
     if card.architecture == "cgan":
         from generators.architectures.cgan import CganModel
         from generators.weights import load_weights
@@ -222,5 +255,6 @@ def load_generator(entry: Entry | Path | str, device: str = "cpu", *, allow_code
         return CganModel(card, load_weights(weights, card.weights.sha256, card.weights.format), device)
     raise GeneratorError(
         f"{card.ref}: architecture '{card.architecture}' cannot be loaded by this version; "
-        f"loadable: {', '.join(sorted({*loaders, 'monai_bundle', 'torchscript', 'cgan'}))}"
+        f"loadable: {', '.join(sorted({*loaders, 'monai_bundle', 'torchscript', 'medigan', 'cgan'}))}; "
+        "a contributed architecture loads once its package is installed (entry-point group synthmed.architectures)"
     )

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from generators.card import ModelCard, card_error, save_card
 from generators.contract import GeneratedBatch
 from generators.errors import GeneratorError
+from generators.labels import label_indices
 from generators.latent import LatentModule, latent_module, sample_latent
 from generators.seed_stream import stream_normal
 from generators.shards import sha256_file
@@ -204,19 +205,7 @@ class TorchScriptGenerator:
             raise GeneratorError(f"{weights}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
 
     def _indices(self, n: int, condition: Sequence[str] | str | None) -> list[int] | None:
-        if not self.labels:
-            if condition is not None:
-                raise GeneratorError(
-                    f"{self.card.ref}: unconditional generator; drop the condition (got {condition!r})"
-                )
-            return None
-        if condition is None:
-            return [i % len(self.labels) for i in range(n)]
-        names = [condition] * n if isinstance(condition, str) else list(condition)
-        unknown = sorted(set(names) - set(self.labels))
-        if len(names) != n or unknown:
-            raise GeneratorError(f"{self.card.ref}: expected {n} labels from {self.labels}, got {names}")
-        return [self.labels.index(name) for name in names]
+        return label_indices(self.labels, n, condition, self.card.ref, unconditional_ok=True)
 
     @property
     def mask_conditioned(self) -> bool:

@@ -75,3 +75,44 @@ def load_weights(path: Path, expected_sha256: str | None, fmt: str = "safetensor
             raise GeneratorError(f"{path}: expected a state dict, got {type(loaded).__name__}")
         return loaded
     raise GeneratorError(f"unknown weights format '{fmt}'; allowed: safetensors, torch")
+
+
+def _listed(items: list[str], most: int = 4, width: int = 60) -> str:
+    """``a, b, c, ... (+N more)``: at most ``most`` items, each cut to ``width`` characters."""
+    shown = [item if len(item) <= width else item[: width - 3] + "..." for item in items[:most]]
+    return ", ".join(shown) + (f", ... (+{len(items) - most} more)" if len(items) > most else "")
+
+
+def state_mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """One line naming what keeps ``state`` from loading strictly into ``module``: missing
+    and unexpected keys and tensors whose shapes differ (at most four of each, then a count);
+    ``""`` when it fits."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{key} {list(state[key].shape)} in the file, {list(expected[key].shape)} in the network"
+        for key in sorted(set(state) & set(expected))
+        if isinstance(state[key], torch.Tensor) and state[key].shape != expected[key].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {_listed(shapes, most=3, width=120)}")
+    return "; ".join(parts)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, but a mismatch raises a one-line
+    GeneratorError naming ``what`` (e.g. the card ref), the missing and unexpected keys and
+    the mismatching shapes, instead of torch's multi-line "Error(s) in loading state_dict"."""
+    problem = state_mismatch(module, state)
+    if problem:
+        raise GeneratorError(
+            f"{what}: the weights do not fit the network ({problem}); the card's network settings and the weights "
+            "disagree: fix card.network or use the weights trained with these settings"
+        )
+    module.load_state_dict(state, strict=True)

@@ -48,6 +48,7 @@ from tasks.quality_report import (
     quality_markdown,
     two_sample_summary,
 )
+from tasks.statistics import NOT_TESTED_CEILING as CEILING
 
 logger = logging.getLogger(__name__)
 
@@ -436,6 +437,12 @@ def _untested_reason(retrain: dict[str, Any], quality: dict[str, Any]) -> str:
             + (f" ({shown})" if shown else "")
             + " and preflight.allow_too_little_data let the run go on"
         )
+    if verdict == CEILING:
+        return (
+            f"real only scored the best possible {retrain.get('primary_metric', 'score')} with every seed, so "
+            "synthetic data could not show a gain (a loss would have shown); use fewer real images "
+            "(`retrain.fractions`, e.g. [0.1, 0.25]) or a harder test split"
+        )
     if verdict == "not tested: no synthetic images reached the retrain":
         totals = quality.get("totals") or {}
         return (
@@ -448,6 +455,14 @@ def _untested_reason(retrain: dict[str, Any], quality: dict[str, Any]) -> str:
 def _verdict_line(retrain: dict[str, Any], quality: dict[str, Any] | None = None) -> str:
     primary = retrain["primary_metric"]
     verdict = retrain.get("verdict")
+    if verdict == CEILING:
+        delta = (retrain.get("delta") or {}).get(primary) or {}
+        measured = _delta_text(delta, len(retrain.get("seeds") or []), retrain.get("n_test", 0))
+        return (
+            f"**Verdict on {primary}: {verdict}**: real only scored the best possible {primary} with every seed, "
+            f"so synthetic data could not show a gain ({measured}; a loss would have shown). The task is too "
+            "easy to judge them: use fewer real images (`retrain.fractions`, e.g. [0.1, 0.25]) or a harder test split."
+        )
     if untested(verdict):
         return (
             f"**Verdict on {primary}: {verdict}**: {_untested_reason(retrain, quality or {})}; real only was "

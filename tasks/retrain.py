@@ -195,6 +195,10 @@ class Comparison:
             return untested_delta(self.metrics), verdict, statistics.power(None, verdict, self.primary, n_test, n_seeds)
         delta = compare(self.task, base, other, self.y_true, self.num_classes, self.seed)
         verdict = self.untested or statistics.decide(delta[self.primary], self.primary in statistics.LOWER_IS_BETTER)
+        if verdict == statistics.NO_EFFECT and statistics.at_ceiling(
+            self.primary, [r.scores[self.primary] for r in base]
+        ):
+            verdict = statistics.NOT_TESTED_CEILING  # "no effect, could detect 0.000" would mislead
         return delta, verdict, statistics.power(delta[self.primary], verdict, self.primary, n_test, n_seeds)
 
     def ratio_condition(

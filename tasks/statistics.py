@@ -33,6 +33,8 @@ BOOTSTRAP_PERCENTILES = (2.5, 97.5)
 HELPED, HURT, NO_EFFECT = "helped", "hurt", "no measurable effect"
 NOT_TESTED_NO_SYNTHETIC = "not tested: no synthetic images reached the retrain"
 NOT_TESTED_TOO_LITTLE_DATA = "not tested: too little data"
+#: real only scored the metric's best value on every seed: a gain cannot show (a loss still can)
+NOT_TESTED_CEILING = "not tested: real only already scores the maximum"
 #: the one rule that turns the two intervals into a verdict, and what the MDE means
 VERDICT_RULE = (
     "helped (hurt) only when BOTH 95% intervals of the delta (real + synthetic minus real only) lie "
@@ -181,6 +183,13 @@ def decide(delta: dict[str, Any], lower_is_better: bool) -> str:
     return NO_EFFECT
 
 
+def at_ceiling(metric: str, values: Sequence[float]) -> bool:
+    """True when every value is the metric's best possible one (1 for scores in [0, 1], 0 for
+    lower-is-better distances): a comparison then has no room to show a gain."""
+    best = 0.0 if metric in LOWER_IS_BETTER else 1.0
+    return len(values) > 0 and all(abs(float(v) - best) <= 1e-9 for v in values)
+
+
 def minimum_detectable_effect(delta: dict[str, Any]) -> tuple[float | None, str | None]:
     """``(mde, governing)``: the half-width of the wider 95% interval of ``delta`` (see
     :data:`VERDICT_RULE`) and which one it is (``"seeds"`` or ``"test images"``);
@@ -211,6 +220,12 @@ def power(delta: dict[str, Any] | None, verdict: str, metric: str, n_test: int, 
         return result
     mde, governing = minimum_detectable_effect(delta)
     result.update(mde=mde, interval_governing=governing)
+    if verdict == NOT_TESTED_CEILING:
+        result["statement"] = (
+            f"{verdict}: real only scored the best possible {name} with every seed ({sample}), so no gain "
+            "could show (a loss would have: the intervals stayed at zero)"
+        )
+        return result
     if verdict.startswith("not tested"):
         result["statement"] = f"{verdict}: the deltas are reported but not judged" + (
             f"; this test ({sample}) could only have detected a change of at least {mde:.3f} {name}"

@@ -104,19 +104,10 @@ def label_indices(card: ModelCard, n: int, condition: Sequence[str] | str | None
     """Conditioning labels -> indices into ``card.conditioning.labels``.
 
     ``None`` cycles through the labels (sample ``i`` gets label ``i % L``); a string applies
-    to every sample; a sequence gives one label per sample."""
-    labels = list(card.conditioning.labels)
-    if not labels:
-        raise GeneratorError(f"{card.ref}: the card lists no conditioning labels; add conditioning.labels")
-    if condition is None:
-        return [i % len(labels) for i in range(n)]
-    names = [condition] * n if isinstance(condition, str) else list(condition)
-    if len(names) != n:
-        raise GeneratorError(f"{card.ref}: expected {n} conditioning labels, got {len(names)}")
-    unknown = sorted(set(names) - set(labels))
-    if unknown:
-        raise GeneratorError(f"{card.ref}: unknown label(s) {unknown}; allowed: {', '.join(labels)}")
-    return [labels.index(name) for name in names]
+    to every sample; a sequence gives one label per sample (``generators.labels``)."""
+    from generators.labels import label_indices as shared_label_indices
+
+    return shared_label_indices(card.conditioning.labels, n, condition, card.ref)
 
 
 def check_shapes(module: nn.Module, state: dict[str, torch.Tensor], card: ModelCard) -> None:
@@ -143,13 +134,10 @@ def check_label_count(card: ModelCard, n_labels: int) -> None:
 
 def load_network(module: nn.Module, state: dict[str, torch.Tensor], card: ModelCard) -> None:
     """Strictly load ``state`` into ``module``; a mismatch names the card, not torch internals."""
+    from generators.weights import load_state_strict
+
     check_shapes(module, state, card)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise GeneratorError(
-            f"{card.ref}: weights do not fit the network (missing {len(missing)}, unexpected "
-            f"{len(unexpected)} keys); the card's network settings and weights disagree"
-        )
+    load_state_strict(module, state, card.ref)  # names missing/unexpected keys and shapes in one line
 
 
 def seeded_normal(shape: Sequence[int], seed: int, stream: int = 0) -> torch.Tensor:

@@ -233,15 +233,10 @@ class CganModel:
         self.module.to(self.device).eval()
 
     def label_indices(self, n: int, condition: Sequence[str] | str | None) -> list[int]:
-        if condition is None:
-            return [i % len(self.labels) for i in range(n)]
-        names = [condition] * n if isinstance(condition, str) else list(condition)
-        if len(names) != n:
-            raise GeneratorError(f"expected {n} conditioning labels, got {len(names)}")
-        unknown = sorted(set(names) - set(self.labels))
-        if unknown:
-            raise GeneratorError(f"{self.card.ref}: unknown label(s) {unknown}; allowed: {', '.join(self.labels)}")
-        return [self.labels.index(name) for name in names]
+        """One index into the card's labels per sample (``generators.labels``)."""
+        from generators.labels import label_indices
+
+        return label_indices(self.labels, n, condition, self.card.ref)
 
     @torch.inference_mode()
     def generate(self, n: int, seed: int, condition: Sequence[str] | str | None = None) -> GeneratedBatch:

@@ -3,22 +3,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from flows.cli import main as cli_main
 from generators import registry
 from generators.api import add_generator, get_generator
 from generators.card import ModelCard, Weights, load_card, save_card
-from generators.conformance import ALL_CHECKS, check_conformance, register
+from generators.conformance import ALL_CHECKS, check_conformance, init_card, placeholders, register
 from generators.errors import GeneratorError
 from generators.shards import sha256_file
+from generators.weights import load_state_strict, save_weights, state_mismatch
 from tests.generators.test_interop import make_cgan
+from tests.generators.tiny_models import make_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -169,3 +173,90 @@ def test_mednist_bundle_imported_via_cli_passes_conformance(tmp_path, user_regis
     assert card.network["latent_distribution"] == "uniform"  # the bundle's own declared latent range
     images = get_generator("t/hand").generate(2, seed=0).images
     assert images.shape == (2, 1, 64, 64) and np.all((images >= 0) & (images <= 1))
+
+
+def test_schema_cli_prints_the_card_json_schema(capsys):
+    assert cli_main(["generators", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "ModelCard" and schema["additionalProperties"] is False
+    assert {"id", "version", "architecture", "modality", "anatomy", "image_size", "channels", "licence"} <= set(
+        schema["required"]
+    )
+    assert schema["$defs"]["Weights"]["properties"]["format"]["enum"] == ["safetensors", "torch", "torchscript", "zip"]
+
+
+def test_card_init_fills_sha256_and_network_and_check_names_the_placeholders(tmp_path, capsys):
+    tiny = make_tiny(tmp_path / "tiny", "dcgan")
+    weights = tiny.parent / "weights.safetensors"
+    out = tiny.parent / "new-card.yaml"
+    args = ["generators", "card-init", "--weights", str(weights), "--architecture", "dcgan", "--out", str(out)]
+    assert cli_main([*args, "--image-size", "16", "16", "--latent-dim", "8", "--network", "base_channels=8"]) == 0
+    printed = capsys.readouterr().out
+    assert "fill in: name, description, modality, anatomy, training.dataset" in printed
+    card = load_card(out)
+    assert card.weights.sha256 == sha256_file(weights) and card.weights.file == "weights.safetensors"
+    assert card.network == {"image_size": 16, "channels": 1, "latent_dim": 8, "base_channels": 8}
+
+    report = check_conformance(out)
+    assert report.check("card").passed is False and report.check("load").passed is None
+    assert "fill in the placeholders name, description, modality, anatomy" in report.check("card").detail
+    assert "licence" in report.check("card").detail
+
+    filled = yaml.safe_load(out.read_text())
+    for key in ("name", "description", "modality", "anatomy", "licence"):
+        filled[key] = "filled"
+    filled["training"] = {"dataset": "MNI152", "dataset_licence": "see the atlas"}
+    filled["origin"]["authors"] = "the test"
+    out.write_text(yaml.safe_dump(filled))
+    assert check_conformance(out).passed
+    assert cli_main([*args, "--image-size", "16", "16"]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+
+
+def test_card_init_marks_required_network_keys(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    save_weights({"x": torch.zeros(1)}, weights)
+    card = init_card(weights, "ddpm", tmp_path / "card.yaml", image_size=(16, 16), labels=("a", "b"))
+    assert card.network["n_labels"] == 2 and card.network["timesteps"] == 1000
+    assert str(card.network["unet_channels"]).startswith("TODO")
+    assert "network.unet_channels" in placeholders(card) and "network.attention_levels" in placeholders(card)
+
+
+def test_a_weights_mismatch_names_missing_unexpected_keys_and_shapes():
+    module = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    state = {"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3), "extra.weight": torch.zeros(1)}
+    with pytest.raises(GeneratorError) as caught:
+        load_state_strict(module, state, "t/model@1")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("t/model@1: the weights do not fit the network")
+    assert "2 missing key(s): 1.bias, 1.weight" in message
+    assert "1 unexpected key(s): extra.weight" in message
+    assert "0.weight [3, 5] in the file, [3, 4] in the network" in message
+    many = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])
+    assert "(+16 more)" in state_mismatch(many, {})  # 20 missing keys: four named, then a count
+    assert state_mismatch(module, dict(module.state_dict())) == ""
+
+
+def test_contributing_documents_every_network_key_of_every_architecture():
+    from generators.conformance import NETWORK_CONFIGS, network_keys
+
+    text = (Path(__file__).resolve().parents[2] / "CONTRIBUTING.md").read_text()
+    assert "generators/cards" not in text and "generators/zoo/<name>/card.yaml" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    for architecture in NETWORK_CONFIGS:
+        row = next(line for names, line in rows.items() if f"`{architecture}`" in names)
+        for key, _, _ in network_keys(architecture):
+            assert f"`{key}`" in row, (architecture, key)
+
+
+def test_get_dataloader_loads_a_torchscript_generator_only_with_allow_code(tmp_path, user_registry):
+    from generators.api import get_dataloader
+
+    register(torchscript_model(tmp_path / "ts", LatentToImage()), allow_code=True)
+    with pytest.raises(GeneratorError, match="allow_code"):
+        get_dataloader("t/ts", length=4)
+    images, labels = next(iter(get_dataloader("t/ts", length=4, batch_size=4, allow_code=True)))
+    assert tuple(images.shape) == (4, 1, 16, 16) and images.dtype == torch.float32
+    assert labels.tolist() == [-1, -1, -1, -1]  # unconditional
+    expected = get_generator("t/ts", allow_code=True).generate(4, 0).images
+    assert np.allclose(images.numpy(), expected)

@@ -22,7 +22,7 @@ from flows.cli import main as cli_main
 from generators import registry
 from generators.api import get_generator
 from generators.architectures.cgan import CganConfig, ConditionalGenerator
-from generators.bundle import import_bundle, install_bundle
+from generators.bundle_import import import_bundle, install_bundle
 from generators.card import ModelCard, Weights, load_card, save_card
 from generators.errors import GeneratorError
 from generators.medigan import import_medigan
@@ -205,7 +205,7 @@ def test_bundle_that_needs_code_is_refused_without_opt_in(tmp_path, caplog):
     with pytest.raises(GeneratorError, match="allow_code=True"):
         import_bundle(bundle)
     assert cli_main(["generators", "import-bundle", str(bundle)]) == 2
-    with caplog.at_level(logging.WARNING, logger="generators.bundle"):
+    with caplog.at_level(logging.WARNING, logger="generators.bundle_import"):
         card = import_bundle(bundle, allow_code=True, card_id="t/code-bundle")
     assert "executes the Python code" in caplog.text
     assert card.network["config"] == "configs/inference.json" and card.licence == "MIT"
@@ -278,11 +278,13 @@ def test_mednist_bundle_export_runs_under_monai_bundle_runner(tmp_path):
 def test_conditional_cgan_with_masks_bundle_export_runs_under_monai(tmp_path):
     entry = make_cgan(tmp_path / "cgan", masks=2)
     generator = load_generator(entry)
-    from generators.bundle import export_bundle
+    from generators.bundle_export import export_bundle
 
     out = export_bundle(generator, tmp_path / "bundle", source_dir=entry.path.parent, num_samples=4)
     meta = json.loads((out / "configs" / "metadata.json").read_text())
-    assert meta["network_data_format"]["inputs"]["label_index"]["channel_def"] == {"0": "healthy", "1": "lesion"}
+    label = meta["network_data_format"]["inputs"]["label"]  # one-hot, concatenated after the latent
+    assert label["channel_def"] == {"0": "healthy", "1": "lesion"} and label["format"] == "labels"
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "mask logit of class 'bg'"
     run_isolated(
         [
             sys.executable,
@@ -519,7 +521,7 @@ def _architecture_card(directory: Path, architecture: str) -> Path:
 def test_loader_architectures_export_to_torchscript_and_bundle(tmp_path, architecture, weights_file):
     from monai.bundle import run
 
-    from generators.bundle import export_bundle
+    from generators.bundle_export import export_bundle
     from generators.latent import sample_latent
 
     generator = load_generator(_architecture_card(tmp_path / architecture, architecture))
@@ -530,8 +532,9 @@ def test_loader_architectures_export_to_torchscript_and_bundle(tmp_path, archite
     out = net(z) if labels is None else net(z, labels)
     assert np.allclose(out.numpy(), expected.images, atol=1e-5)
     # a MONAI network exports as a state dict; other networks as their TorchScript latent module
+    # (plus its state dict as models/model.pt, which model-zoo requires)
     bundle = export_bundle(generator, tmp_path / "bundle", num_samples=3)
-    assert sorted(p.name for p in (bundle / "models").iterdir()) == [weights_file]
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == sorted({"model.pt", weights_file})
     run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), seed=4, logging_file=False)
     written = read_pngs(bundle / "outputs", "image")
     assert np.abs(written.astype(float) - np.rint(expected.images[:, 0] * 255)).max() <= 1

@@ -164,7 +164,7 @@ def test_user_registry_dirs_and_available_filter(zoo, tmp_path, monkeypatch):
     assert registry.user_registry_dir() == tmp_path / "home" / ".synthmed" / "generators"
     monkeypatch.setenv("SYNTHMED_REGISTRY", f"{tmp_path / 'a'}{__import__('os').pathsep}{tmp_path / 'b'}")
     assert registry.user_registry_dirs() == [tmp_path / "a", tmp_path / "b"]
-    assert registry.registry_dirs()[:2] == [registry.SHIPPED_CARDS, registry.SHIPPED_ZOO]
+    assert registry.registry_dirs()[:1] == [registry.SHIPPED_ZOO]
     assert [e.card.id for e in registry.search("", {"available": "false"}, entries=zoo)] == ["t/mammo"]
     with pytest.raises(GeneratorError, match="expected true or false"):
         registry.search("", {"available": "maybe"}, entries=zoo)

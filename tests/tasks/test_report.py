@@ -248,6 +248,7 @@ def test_a_tested_verdict_prints_its_power_and_the_rule_once() -> None:
     [
         ("not tested: no synthetic images reached the retrain", "the filters kept 193 of 200 synthetic images, so 0"),
         ("not tested: too little data", "class 'plain' has 2 train / 0 val / 1 test images"),
+        ("not tested: real only already scores the maximum", "real only scored the best possible balanced_accuracy"),
     ],
 )
 def test_a_not_tested_verdict_prints_no_comparison(verdict: str, reason: str) -> None:

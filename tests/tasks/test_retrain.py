@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from generators.errors import DataError
+from tasks import statistics
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
 from tasks.retrain import retrain
@@ -286,3 +287,35 @@ def test_too_little_data_stops_or_with_the_opt_in_is_not_tested(tmp_path: Path) 
     assert summary["verdict"] == NOT_TESTED_TOO_LITTLE_DATA
     assert summary["preflight"]["passed"] is False and summary["preflight"]["problems"]
     assert summary["n_synthetic_used"] > 0  # the runs went on; only the verdict is withheld
+
+
+def test_real_only_at_the_ceiling_is_not_called_no_effect() -> None:
+    """Real only perfect on every seed and augmented too: "no measurable effect, could detect
+    0.000" would mislead (no gain could show), so the verdict says why nothing was judged; a
+    loss from the same ceiling is still "hurt"; one imperfect real-only seed is judged as usual."""
+    from tasks.retrain import Comparison
+    from tasks.retrain_runs import RunResult
+
+    y_true = np.array([0, 1] * 13)
+
+    def runs(wrong: list[int]) -> list[RunResult]:
+        out = []
+        for n in wrong:
+            pred = y_true.copy()
+            pred[:n] = 1 - pred[:n]
+            scores = {
+                m: float(v)
+                for m, v in statistics.scores_from_confusion(statistics.confusion_matrix(y_true, pred, 2)).items()
+            }
+            out.append(RunResult(scores=scores, output=pred, time_s=0.0))
+        return out
+
+    judge = Comparison("classification", "balanced_accuracy", y_true, 2, 0, None)
+    _, verdict, power = judge.judge(runs([0, 0, 0]), runs([0, 0, 0]))
+    assert verdict == statistics.NOT_TESTED_CEILING == "not tested: real only already scores the maximum"
+    assert "no gain could show" in power["statement"]
+    _, hurt, _ = judge.judge(runs([0, 0, 0]), runs([8, 9, 10]))
+    assert hurt == statistics.HURT
+    _, usual, _ = judge.judge(runs([0, 1, 0]), runs([0, 0, 0]))
+    assert usual == statistics.NO_EFFECT
+    assert statistics.at_ceiling("hd95", [0.0, 0.0]) and not statistics.at_ceiling("dice", [1.0, 0.99])
