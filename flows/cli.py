@@ -351,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SynthmedError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever raised it
         return 2
+    except BrokenPipeError:  # `synthmed generators list | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except Exception as exc:  # a bug, not a user error: one line here, the traceback with -v
         if args.verbose:
             raise

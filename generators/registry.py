@@ -20,7 +20,7 @@ from generators.card import ModelCard, load_card
 from generators.contract import Generator
 from generators.errors import ConfigError, GeneratorError
 from generators.safe_paths import safe_join
-from generators.search import check_mode, matched_terms, rank_key, resolve_id, selection, terms_of
+from generators.search import check_mode, matched_terms, metric_of, rank_key, resolve_id, selection, terms_of
 from generators.weights import verify_sha256
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ def search(
     terms = terms_of(query)
     filters = filters or {}
     _check_filter_keys(filters, entries)
+    if rank_by:
+        _check_metric(rank_by, entries)
     scored = []
     for entry in entries:
         hits = len(matched_terms(entry.card, terms, exact=exact, case_sensitive=case_sensitive, match_keys=match_keys))
@@ -143,6 +145,19 @@ def search(
     else:
         scored.sort(key=lambda item: -item[0])
     return [entry for _, entry in scored]
+
+
+def _check_metric(metric: str, entries: list[Entry]) -> None:
+    """A metric no card in the registry reports is a typo, not a ranking: one-line error."""
+    if any(metric_of(e.card, metric) is not None for e in entries):
+        return
+    known = sorted({name for e in entries for name in e.card.metrics})
+    close = difflib.get_close_matches(metric, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise GeneratorError(
+        f"no card reports metric '{metric}'; {hint}metrics in the registry: {', '.join(known[:12]) or 'none'}"
+        + (f" and {len(known) - 12} more" if len(known) > 12 else "")
+    )
 
 
 def _check_filter_keys(filters: dict[str, str], entries: list[Entry]) -> None:

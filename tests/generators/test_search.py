@@ -364,3 +364,27 @@ def test_imported_cards_keep_every_medigan_field(tmp_path):
     for model_id in with_vendors:
         vendors = load_card(tmp_path / model_id / "card.yaml").medigan["selection"]["vendors"]
         assert vendors == INDEX[model_id]["selection"]["vendors"]
+
+
+def test_ranking_by_a_metric_no_card_reports_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in ``rank_by`` (CLI, api, a pipeline's generator query) names close metrics
+    instead of listing every card with "n/a"."""
+    assert cli_main(["generators", "rank", "two_sample_aoc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no card reports metric 'two_sample_aoc'; did you mean two_sample_auc")
+    assert len(err.splitlines()) == 1
+    assert [e.card.id for e in api.rank("two_sample_auc", "mni152")][0] == "synthmed/mni152-ldm"
+
+
+def test_output_piped_into_head_ends_quietly() -> None:
+    import subprocess
+    import sys
+
+    script = "import sys; from flows.cli import main; sys.exit(main(['generators', 'list', '--json']))"
+    reader = "import sys; sys.stdin.readline()"  # reads one line, then leaves
+    producer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    consumer = subprocess.run([sys.executable, "-c", reader], stdin=producer.stdout, timeout=120)
+    producer.stdout.close()
+    _, err = producer.communicate(timeout=120)
+    assert consumer.returncode == 0 and producer.returncode == 0, err.decode()
+    assert b"BrokenPipeError" not in err and b"error:" not in err
