@@ -385,6 +385,10 @@ def _metadata(card: ModelCard, schema: str, packages: Sequence[str], data_format
 
     required = {name: _installed(name) for name in packages}
     required = {k: v for k, v in required.items() if v}
+    for tensors in data_format.values():  # model-zoo bundles name the modality of every tensor
+        for tensor in tensors.values():
+            if isinstance(tensor, dict):
+                tensor.setdefault("modality", card.modality or "n/a")
     return {
         "schema": SCHEMA_URL.format(schema),
         "version": card.version,
@@ -398,6 +402,7 @@ def _metadata(card: ModelCard, schema: str, packages: Sequence[str], data_format
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": required,
+        "optional_packages_version": {},
         "name": card.name or card.id,
         "task": f"Generate synthetic {card.modality} {card.anatomy} images ({card.ref})",
         "description": card.description or f"{card.architecture} generator exported by synthmed",
