@@ -15,7 +15,7 @@ import time
 
 from benchmarks.common import ROOT
 
-BENCHMARKS = ("synthesis", "ingest", "versioning", "metrics", "orchestration", "memory", "sampling")
+BENCHMARKS = ("synthesis", "ingest", "versioning", "metrics", "orchestration", "memory", "sampling", "scaleout")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         dvc_commit=not args.no_dvc,
         dvc_push=args.push,
         shard_workers=args.shard_workers,
+        runner=args.runner,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
     )
-    load_pipeline(args.pipeline, args.config)  # a config error before anything starts
+    cfg = load_pipeline(args.pipeline, args.config)  # a config error before anything starts
+    from flows.scaleout import resolve_runner
+
+    resolve_runner(  # and a runner error
+        cfg.runner,
+        kind=args.runner,
+        workers=args.dask_workers,
+        address=args.dask_address,
+        shard_workers=args.shard_workers,
+    )
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForExpectedErrors())
     with pipeline_lock(PipelinePaths(args.config.parent, args.pipeline)):
@@ -125,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         push=args.push,
         shard_workers=args.shard_workers,
         paused=args.paused,
+        runner=args.runner,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
     )
     serve_deployments(deployment, limit=args.limit)
     return 0
@@ -228,6 +243,24 @@ def cmd_export_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runner",
+        choices=["local", "threads", "dask"],
+        default=None,
+        help="where synthesis shards and retrain runs go (default: the pipeline's runner.kind, else local)",
+    )
+    parser.add_argument(
+        "--dask-address", default=None, help="tcp://host:port of a running Dask scheduler (implies dask)"
+    )
+    parser.add_argument(
+        "--dask-workers",
+        type=_positive_int,
+        default=None,
+        help="worker processes of the local Dask cluster started for each run (default: runner.workers, 2)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks.stages import ORDER
 
@@ -243,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--shard-workers", type=_positive_int, default=1, help="synthesis shards made in parallel (threads)"
     )
+    _add_runner_arguments(run)
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve a scheduled deployment of the flow (needs PREFECT_API_URL)")
@@ -255,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shard-workers", type=_positive_int, default=1, help="synthesis shards made in parallel (threads)"
     )
+    _add_runner_arguments(serve)
     serve.add_argument("--paused", action="store_true", help="register with the schedule paused")
     serve.add_argument(
         "--limit", type=_positive_int, default=None, help="at most this many runs at once on this machine"

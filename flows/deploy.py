@@ -58,6 +58,9 @@ def build_deployment(
     push: bool = False,
     shard_workers: int = 1,
     paused: bool = False,
+    runner: str | None = None,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
 ) -> "RunnerDeployment":
     """The flow as a deployment: default parameters (the form in the UI) for ``pipeline``,
     a cron schedule, at most one run at a time (a late run waits rather than racing the
@@ -66,9 +69,19 @@ def build_deployment(
     from prefect.deployments.runner import EntrypointType
 
     config_path = Path(config).resolve()
-    load_pipeline(pipeline, config_path)  # a readable error now, not at 2 a.m.
+    cfg = load_pipeline(pipeline, config_path)  # a readable error now, not at 2 a.m.
+    from flows.scaleout import resolve_runner
+
+    resolve_runner(cfg.runner, kind=runner, workers=dask_workers, address=dask_address, shard_workers=shard_workers)
     params = AugmentParams(
-        pipeline=pipeline, config=str(config_path), dvc_commit=True, dvc_push=push, shard_workers=shard_workers
+        pipeline=pipeline,
+        config=str(config_path),
+        dvc_commit=True,
+        dvc_push=push,
+        shard_workers=shard_workers,
+        runner=runner,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
     )
     return augment.to_deployment(
         name=name or deployment_name(pipeline),

@@ -9,7 +9,7 @@ import base64
 import functools
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
+from flows.scaleout import RunnerChoice, dask_cluster, resolve_runner, stage_options
 from generators.errors import QualityGateError, TransientError
 from tasks.config import PipelineConfig, load_pipeline
 from tasks.lock import pipeline_lock
@@ -33,6 +34,13 @@ class AugmentParams(BaseModel):
     dvc_push: bool = Field(False, description="push the outputs to the DVC remote at the end")
     shard_workers: int = Field(
         1, ge=1, le=64, description="synthesis shards made in parallel (Prefect thread-pool tasks); 1 = serial"
+    )
+    runner: Literal["local", "threads", "dask"] | None = Field(
+        None, description="where shards and retrain runs go (default: the pipeline's runner.kind)"
+    )
+    dask_address: str | None = Field(None, description="tcp://host:port of a running Dask scheduler")
+    dask_workers: int | None = Field(
+        None, ge=1, le=256, description="worker processes of the local Dask cluster (or threads for 'threads')"
     )
 
 
@@ -93,16 +101,11 @@ def _outputs_current(verb: str, pipeline: str, config: str) -> bool:
     cache_key_fn=_stage_cache_key,
     persist_result=True,
 )
-def stage(verb: str, pipeline: str, config: str, shard_workers: int = 1) -> dict[str, Any]:
-    """Run one stage function (skipped when its outputs are current). With
-    ``shard_workers > 1`` synthesis makes its shards as parallel tasks (flows/scaleout.py)."""
+def stage(verb: str, pipeline: str, config: str, runner: RunnerChoice | None = None) -> dict[str, Any]:
+    """Run one stage function (skipped when its outputs are current). ``runner`` says where
+    synthesis shards and retrain runs go (flows/scaleout.py); never what they hold."""
     cfg, paths = _pipeline(pipeline, config)
-    options: dict[str, Any] = {}
-    if verb == "synthesize" and shard_workers > 1:
-        from flows.scaleout import thread_pool_shards
-
-        options["map_shards"] = thread_pool_shards(shard_workers)
-    summary = run_stage(verb, cfg, paths, force=False, **options)
+    summary = run_stage(verb, cfg, paths, force=False, **stage_options(verb, runner))
     get_run_logger().info("%s: %s", verb, "up to date, skipped" if summary.get("skipped") else "done")
     return summary
 
@@ -163,18 +166,28 @@ def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     # shows what the rejected set would have done (and the power of that test) under a
     # REJECTED verdict that governs; then the run fails with the gate's message
     rejected: QualityGateError | None = None
-    for verb in ORDER:
-        if verb == "retrain" and rejected is not None:
-            logger.warning("the quality gate rejected the synthetic set; retrain runs for the report only")
-        current = _outputs_current(verb, params.pipeline, str(params.config))
-        try:
-            summaries[verb] = stage.with_options(refresh_cache=not current)(
-                verb, params.pipeline, str(params.config), params.shard_workers
-            )
-        except QualityGateError as exc:  # outputs are written; the report still says REJECTED
-            rejected, summaries[verb] = exc, {"rejected": str(exc)}
-        if verb == "ingest":
-            summaries["preflight"] = preflight_check(params.pipeline, str(params.config))
+    choice = resolve_runner(
+        cfg.runner,
+        kind=params.runner,
+        workers=params.dask_workers,
+        address=params.dask_address,
+        shard_workers=params.shard_workers,
+    )
+    if choice.kind != "local":
+        logger.info("runner: %s", choice.describe())
+    with dask_cluster(choice) as choice:
+        for verb in ORDER:
+            if verb == "retrain" and rejected is not None:
+                logger.warning("the quality gate rejected the synthetic set; retrain runs for the report only")
+            current = _outputs_current(verb, params.pipeline, str(params.config))
+            try:
+                summaries[verb] = stage.with_options(refresh_cache=not current)(
+                    verb, params.pipeline, str(params.config), choice
+                )
+            except QualityGateError as exc:  # outputs are written; the report still says REJECTED
+                rejected, summaries[verb] = exc, {"rejected": str(exc)}
+            if verb == "ingest":
+                summaries["preflight"] = preflight_check(params.pipeline, str(params.config))
     versions = None
     if params.dvc_commit:  # a rejected run is versioned too: an experiment whose verdict is REJECTED
         from flows.versioning import commit_outputs

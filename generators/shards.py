@@ -323,6 +323,24 @@ def class_counts(table: pa.Table) -> dict[str, dict[str, int]]:
     return {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
 
 
+def write_staged_shard(
+    table: pa.Table, staging: Path, index: int, *, schema: pa.Schema = BASE_SCHEMA, recorded: bool = True
+) -> dict[str, Any]:
+    """Write ``table`` as shard ``index`` (``part-<index>.parquet``) of a
+    :class:`DatasetWriter`'s staging dir, atomically (temp file, then rename), and, when
+    ``recorded``, its completion record under ``.done/`` (what a resume or
+    :meth:`DatasetWriter.adopt_shard` reads). Returns the record: file, rows, sha256 and
+    class counts. Any process that sees ``staging`` may call it, one call per index."""
+    table = table.select(schema.names).cast(schema)
+    name = DatasetWriter._shard_name(index)
+    path = Path(staging) / name
+    write_parquet_atomic(table, path)
+    record = {"file": name, "rows": table.num_rows, "sha256": sha256_file(path), "class_counts": class_counts(table)}
+    if recorded:
+        write_json_atomic(record, Path(staging) / DONE_DIR / f"{name}.json")
+    return record
+
+
 class DatasetWriter:
     """Stream tables into shards of ``shard_rows`` rows; ``close()`` writes the manifest.
 
@@ -427,9 +445,7 @@ class DatasetWriter:
         record = self._resumable.pop(name, None)
         if record is None:
             return False
-        for split, counts in record["class_counts"].items():
-            self._counts.setdefault(split, Counter()).update(counts)
-        self._shards.append({"file": name, "rows": record["rows"], "sha256": record["sha256"]})
+        self._count_in(record)
         self.resumed += 1
         return True
 
@@ -457,18 +473,35 @@ class DatasetWriter:
         merged = pa.concat_tables(self._pending)
         shard, rest = merged.slice(0, rows), merged.slice(rows)
         name = self._shard_name(len(self._shards))
-        path = self.staging / name
-        counts = class_counts(shard)
-        write_parquet_atomic(shard, path)
-        entry = {"file": name, "rows": shard.num_rows, "sha256": sha256_file(path)}
         if self.resume_key is not None:
             self._resumable.pop(name, None)
-            write_json_atomic({**entry, "class_counts": counts}, self.staging / DONE_DIR / f"{name}.json")
-        for split, c in counts.items():
-            self._counts.setdefault(split, Counter()).update(c)
-        self._shards.append(entry)
+        record = write_staged_shard(shard, self.staging, len(self._shards), recorded=self.resume_key is not None)
+        self._count_in(record)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
+
+    def _count_in(self, record: dict[str, Any]) -> None:
+        for split, counts in record["class_counts"].items():
+            self._counts.setdefault(split, Counter()).update(counts)
+        self._shards.append({"file": record["file"], "rows": record["rows"], "sha256": record["sha256"]})
+
+    def adopt_shard(self, record: dict[str, Any]) -> None:
+        """Count in the next shard, written into :attr:`staging` by another process with
+        :func:`write_staged_shard` (e.g. a Dask worker); its file is checked against
+        ``record`` (name, sha256) as this process sees it. Needs a ``resume_key``."""
+        name = self._shard_name(len(self._shards))
+        if self.resume_key is None or self._pending_rows:
+            raise DataError("adopt_shard() needs a resumable writer and whole shards")
+        path = self.staging / name
+        if record.get("file") != name:
+            raise DataError(f"{self.target}: expected shard {name} next, got {record.get('file')!r}; rerun the stage")
+        if not path.is_file() or sha256_file(path) != record.get("sha256"):
+            raise DataError(
+                f"{path}: the shard a worker reported is missing or differs here; every worker must write to "
+                "the same project directory this process reads (a shared filesystem)"
+            )
+        self._resumable.pop(name, None)
+        self._count_in(record)
 
     def close(self) -> dict[str, Any]:
         """Write the last shard and the manifest, then swap the staging dir into place.
@@ -492,6 +525,8 @@ class DatasetWriter:
             for name in sorted(self._resumable):  # beyond this run's shards: not ours to keep
                 log.warning("%s: discarding %s, not part of this run", self.target.name, name)
                 (self.staging / name).unlink(missing_ok=True)
+            for stray in self.staging.glob(".*.tmp"):  # a writer killed mid-shard (another process)
+                stray.unlink(missing_ok=True)
         # the manifest first: a failed write (disk full) leaves the .done records for a resume
         write_json_atomic(manifest, self.staging / MANIFEST_NAME)
         if self.resume_key is not None:

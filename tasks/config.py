@@ -523,6 +523,32 @@ class StorageSpec(Strict):
         return None if value is None else _check_s3_uri(value)
 
 
+class RunnerSpec(Strict):
+    """Where a ``synthmed run`` makes synthesis shards and downstream retrain runs. Never
+    changes what they hold (no stage lists it in its DVC params), only where they run.
+
+    ``kind``: ``local`` (shards in the stage's own loop, retrain runs on ``threads``
+    spawned processes), ``threads`` (shards as Prefect tasks on ``workers`` threads) or
+    ``dask`` (shards and retrain runs as Prefect tasks on a Dask cluster through
+    prefect-dask: ``address`` of a running scheduler, else a local cluster of ``workers``
+    processes, one per GPU with ``gpus_per_worker: 1``). A cluster's workers must see the
+    project directory at the same path (a shared filesystem; docs/scaleout.md)."""
+
+    kind: Literal["local", "threads", "dask"] = "local"
+    workers: int = Field(2, ge=1, le=256, description="threads (threads) or local Dask worker processes (dask)")
+    address: str | None = Field(None, description="tcp://host:port of a running Dask scheduler (kind dask)")
+    gpus_per_worker: Literal[0, 1] = Field(
+        0, description="1: every task needs the Dask worker resource GPU=1 (one worker per GPU)"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_a_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", value):
+            raise ValueError(f"expected a Dask scheduler address like tcp://host:8786, got {value!r}")
+        return value
+
+
 class PipelineConfig(Strict):
     """One named pipeline: every stage's parameters."""
 
@@ -539,6 +565,7 @@ class PipelineConfig(Strict):
     preflight: PreflightSpec = PreflightSpec()
     report: ReportSpec = ReportSpec()
     storage: StorageSpec = StorageSpec()
+    runner: RunnerSpec = RunnerSpec()
 
     @model_validator(mode="after")
     def _holdout_control_keeps_val_out_of_selection(self) -> "PipelineConfig":

@@ -75,7 +75,7 @@ from tasks.retrain_data import (
     synthetic_pool,
     validation_arrays,
 )
-from tasks.retrain_runs import Run, RunInputs, RunResult, execute_runs
+from tasks.retrain_runs import Run, RunInputs, RunMap, RunResult, execute_runs
 from tasks.runtime import setup_torch
 
 logger = logging.getLogger(__name__)
@@ -281,10 +281,11 @@ def _write(
 
 
 # --------------------------------------------------------------------------- stage
-def retrain(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
+def retrain(cfg: PipelineConfig, paths: PipelinePaths, run_many: RunMap | None = None) -> dict[str, Any]:
     """Train real-only vs real+synthetic for every seed (and the configured sweeps),
     evaluate on the real test split, write ``retrain.json`` and the three CSVs; returns
-    the JSON's content."""
+    the JSON's content. ``run_many`` (optional) trains the runs elsewhere, e.g. on a
+    Dask cluster (``flows/scaleout.py``); the results do not depend on where."""
     started = time.perf_counter()
     preflight = run_preflight(cfg, paths)
     untested = statistics.NOT_TESTED_TOO_LITTLE_DATA if preflight is not None and not preflight["passed"] else None
@@ -346,7 +347,7 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     workers = max(1, cfg.threads) if inputs.device == "cpu" else 1
     logger.info(
         "retrain %s/%s: %d real train + %d synthetic (ratio %g), %d test; %d steps x batch %d, seeds %s; "
-        "ratios %s, real fractions %s (sweeps: seeds %s, %d steps); %d distinct runs of %d on %d worker(s)",
+        "ratios %s, real fractions %s (sweeps: seeds %s, %d steps); %d distinct runs of %d on %s",
         task,
         spec.network,
         n_train,
@@ -362,9 +363,9 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         sweep_steps,
         len(set(requested)),
         len(requested),
-        min(workers, len(set(requested))),
+        "the task runner's workers" if run_many else f"{min(workers, len(set(requested)))} worker(s)",
     )
-    results = execute_runs(inputs, requested, workers)
+    results = execute_runs(inputs, requested, workers, run_many, shared_dir=paths.state / "shared")
 
     comparison = Comparison(task, primary, inputs.test_targets, inputs.num_classes, cfg.seed, untested)
     real_main = [results[main["real_only", s]] for s in spec.seeds]

@@ -7,21 +7,25 @@ Each run uses one torch thread on CPU; results do not depend on the number of wo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
+import os
 import pickle
+import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from generators.errors import SynthmedError
+from generators.errors import DataError, SynthmedError
 from tasks import downstream
 from tasks.config import PipelineConfig
 from tasks.progress import Progress
@@ -124,9 +128,74 @@ def _run_in_worker(run: Run) -> RunResult:
     return train_and_test(_WORKER_INPUTS, run)
 
 
-def execute_runs(inputs: RunInputs, runs: Sequence[Run], workers: int) -> dict[Run, RunResult]:
+@dataclass(frozen=True)
+class SharedInputs:
+    """The pickled :class:`RunInputs` in a file every worker can read (shared storage),
+    named by its sha256; a worker loads it once (:func:`run_on_shared_inputs`)."""
+
+    path: str
+    sha256: str
+
+
+_SHARED: dict[str, RunInputs] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_inputs(shared: SharedInputs) -> RunInputs:
+    """The inputs of ``shared``, read and checked once per process (one entry kept)."""
+    with _SHARED_LOCK:
+        inputs = _SHARED.get(shared.sha256)
+        if inputs is not None:
+            return inputs
+        path = Path(shared.path)
+        if not path.is_file():
+            raise DataError(
+                f"worker {socket.gethostname()} cannot see the project's storage: {path} does not exist there; "
+                "every Dask worker needs the project directory at the same path (a shared filesystem such as "
+                "NFS or Lustre, or one ReadWriteMany volume on Kubernetes)"
+            )
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != shared.sha256:
+            raise DataError(f"{path}: the retrain inputs changed while the stage ran; rerun the stage")
+        inputs = pickle.loads(data)  # noqa: S301 - written by this stage a moment ago, checked by sha256
+        _SHARED.clear()
+        _SHARED[shared.sha256] = inputs
+        return inputs
+
+
+def run_on_shared_inputs(shared: SharedInputs, run: Run) -> RunResult:
+    """:func:`train_and_test` of ``run`` on the inputs of ``shared`` (loaded once per worker)."""
+    return train_and_test(shared_inputs(shared), run)
+
+
+RunMap = Callable[[SharedInputs, Sequence[Run]], Iterable[tuple[Run, RunResult]]]
+"""``run_many(shared, runs)``: ``(run, run_on_shared_inputs(shared, run))`` for every run,
+in any order, computed anywhere that sees the file (e.g. Dask workers:
+``flows/scaleout.py``)."""
+
+
+def _write_shared(inputs: RunInputs, folder: Path) -> SharedInputs:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+    digest = hashlib.sha256(data).hexdigest()
+    path = folder / f"retrain-inputs-{digest[:16]}.pkl"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return SharedInputs(str(path.resolve()), digest)
+
+
+def execute_runs(
+    inputs: RunInputs,
+    runs: Sequence[Run],
+    workers: int,
+    run_many: RunMap | None = None,
+    shared_dir: Path | None = None,
+) -> dict[Run, RunResult]:
     """Every distinct run once: in this process when ``workers <= 1``, else in ``workers``
-    spawned processes (longest runs first). Results do not depend on ``workers``."""
+    spawned processes (longest runs first); with ``run_many``, wherever it sends them,
+    the inputs written once to ``shared_dir`` (which its workers must see). Results do
+    not depend on ``workers`` or ``run_many``."""
     batch = inputs.cfg.retrain.batch_size
     queue = sorted(dict.fromkeys(runs), key=lambda r: -r.steps * min(batch, len(r.real) + len(r.synthetic)))
     results: dict[Run, RunResult] = {}
@@ -147,6 +216,16 @@ def execute_runs(inputs: RunInputs, runs: Sequence[Run], workers: int) -> dict[R
             result.time_s,
         )
 
+    if run_many is not None:
+        if shared_dir is None:
+            raise ValueError("run_many needs shared_dir, a folder its workers see")
+        shared = _write_shared(inputs, shared_dir)
+        try:
+            for run, result in run_many(shared, queue):
+                record(run, result)
+        finally:
+            Path(shared.path).unlink(missing_ok=True)
+        return results
     if workers <= 1 or len(queue) <= 1:
         for run in queue:
             record(run, train_and_test(inputs, run))

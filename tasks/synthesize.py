@@ -59,6 +59,7 @@ from tasks.config import PipelineConfig
 from tasks.mask_sources import MAX_REJECTS_KEPT, MaskSet, load_mask_set
 from tasks.paths import PipelinePaths
 from tasks.progress import Progress
+from tasks.remote_shards import ShardMaker
 from tasks.runtime import setup_torch
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,28 @@ def _write_mapped(
             writer.write_table(table)
 
 
+ShardWrites = Callable[[Callable[[ShardPlan], dict[str, Any]], Sequence[ShardPlan]], Iterable[dict[str, Any]]]
+"""``write_shards(maker, plans)``: the records ``maker(plan)`` of every plan (each shard
+written into the writer's staging dir by whoever runs ``maker``, e.g. a Dask worker;
+``tasks/remote_shards.py``), yielded in plan order."""
+
+
+def _adopt_written(
+    writer: DatasetWriter,
+    plans: list[ShardPlan],
+    maker: Callable[[ShardPlan], dict[str, Any]],
+    write_shards: ShardWrites,
+) -> None:
+    """Count in, in plan order, the shards ``write_shards`` had written into the writer's
+    staging dir. Shards kept from an interrupted run (anywhere in the plan) are not made
+    again."""
+    todo = [plan for plan in plans if not writer.is_resumable(plan.index)]
+    made = iter(write_shards(maker, todo)) if todo else iter(())
+    for _plan in plans:
+        if not writer.resume_shard():
+            writer.adopt_shard(next(made))
+
+
 def given_masks(cfg: PipelineConfig, paths: PipelinePaths, generator: Generator, counts: dict[str, int]) -> MaskSet:
     """The masks of ``synthesis.masks_from`` for ``generator``, checked: the generator is
     mask-conditioned at ``preprocess.size``, and every class to make has a mask."""
@@ -366,12 +389,21 @@ def given_masks(cfg: PipelineConfig, paths: PipelinePaths, generator: Generator,
     return mask_set
 
 
-def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap | None = None) -> dict[str, Any]:
+def synthesize(
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    map_shards: ShardMap | None = None,
+    write_shards: ShardWrites | None = None,
+) -> dict[str, Any]:
     """Generate ``requested_counts`` images per class; returns counts and the generator ref
     (and, with ``synthesis.masks_from``, the masks used and rejected).
 
-    ``map_shards`` (optional) makes the shards elsewhere, e.g. in parallel; the shards'
-    bytes do not depend on it (each shard has its own seed)."""
+    ``map_shards`` (optional) makes the shards elsewhere, e.g. in parallel threads, and
+    hands the tables back; ``write_shards`` (optional) has them made and written by other
+    processes that see this project's storage (a Dask cluster: ``flows/scaleout.py``).
+    The shards' bytes depend on neither (each shard has its own seed)."""
+    if map_shards is not None and write_shards is not None:
+        raise ValueError("give map_shards or write_shards, not both")
     device = setup_torch(cfg, cfg.synthesis.seed)
     generator = load_generator(paths.generator / "card.yaml", device)
     counts = requested_counts(cfg, real_train_counts(paths))
@@ -419,7 +451,20 @@ def synthesize(cfg: PipelineConfig, paths: PipelinePaths, map_shards: ShardMap |
     writer = DatasetWriter(paths.synthetic, shard_rows=cfg.synthesis.shard_rows, provenance=provenance, resume_key=key)
     started = time.perf_counter()
     with writer:
-        if map_shards is None:
+        if write_shards is not None:
+            maker = ShardMaker(
+                cfg=cfg,
+                card_path=str((paths.generator / "card.yaml").resolve()),
+                key=key,
+                device=device,
+                batch_size=cfg.synthesis.batch_size,
+                dtype=dtype,
+                staging=str(writer.staging.resolve()),
+                compiled=compiled,
+                masks=masks,
+            )
+            _adopt_written(writer, plans, maker, write_shards)
+        elif map_shards is None:
             write_overlapped(writer, generator, plans, cfg.synthesis.batch_size, dtype, masks)
         else:
             make = partial(generate_shard, generator, batch_size=cfg.synthesis.batch_size, dtype=dtype, masks=masks)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -90,3 +91,13 @@ def run(args: list[str], cwd: Path, check: bool = True) -> str:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout + proc.stderr
+
+
+def without_timings(value: Any) -> Any:
+    """A stage's JSON summary without wall-clock fields (keys ending ``time_s`` or
+    ``elapsed_s``): what must be equal between two runs of the same recipe."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not k.endswith(("time_s", "elapsed_s"))}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value

@@ -21,7 +21,6 @@ from PIL import Image
 from flows.cli import main as cli_main
 from generators import registry
 from generators.api import get_generator
-from generators.architectures.cgan import CganConfig, ConditionalGenerator
 from generators.bundle_import import import_bundle, install_bundle
 from generators.card import ModelCard, Weights, load_card, save_card
 from generators.errors import GeneratorError
@@ -31,6 +30,7 @@ from generators.shards import decode_image, read_table, sha256_file
 from generators.torchscript import embedded_card, export_torchscript, import_torchscript
 from generators.visualise import PAD, interpolation_grid, to_display, visualise
 from generators.weights import save_weights
+from tests.generators.tiny_models import tiny_cgan_card
 
 ZOO = Path(registry.__file__).parent / "zoo"
 MEDNIST = ZOO / "mednist_gan"
@@ -48,26 +48,7 @@ def user_registry(tmp_path, monkeypatch) -> Path:
 
 def make_cgan(directory: Path, *, masks: int = 0, card_id: str = "t/cgan", seed: int = 0) -> Entry:
     """A tiny seeded conditional GAN (16x16, 2 labels, optional mask classes) as card + weights."""
-    torch.manual_seed(seed)
-    cfg = CganConfig(image_size=16, channels=1, n_labels=2, latent_dim=8, base_channels=8, mask_classes=masks)
-    directory.mkdir(parents=True, exist_ok=True)
-    sha = save_weights(ConditionalGenerator(cfg).state_dict(), directory / "weights.safetensors")
-    card = ModelCard(
-        id=card_id,
-        version="1.0.0",
-        architecture="cgan",
-        network=cfg.__dict__,
-        modality="MRI",
-        anatomy="brain",
-        image_size=(16, 16),
-        channels=1,
-        licence="MIT",
-        latent_dim=8,
-        conditioning={"labels": ("healthy", "lesion"), "masks": masks > 0, "mask_classes": ("bg", "fg")[:masks]},
-        weights=Weights(file="weights.safetensors", sha256=sha),
-    )
-    save_card(card, directory / "card.yaml")
-    return Entry(card, directory / "card.yaml")
+    return Entry(tiny_cgan_card(directory, card_id=card_id, masks=masks, seed=seed), directory / "card.yaml")
 
 
 def poisoned_path(tmp_path: Path) -> Path:

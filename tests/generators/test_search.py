@@ -38,13 +38,12 @@ import yaml
 
 from flows.cli import main as cli_main
 from generators import api, registry
-from generators.architectures.cgan import CganConfig, ConditionalGenerator
-from generators.card import ModelCard, Weights, load_card, save_card
+from generators.card import ModelCard, load_card, save_card
 from generators.errors import GeneratorError
 from generators.medigan import import_medigan
 from generators.search import selection, selection_keys, selection_values
 from generators.seed_stream import generate_range
-from generators.weights import save_weights
+from tests.generators.tiny_models import tiny_cgan_card
 
 ZOO = Path(registry.__file__).parent / "zoo"
 MEDIGAN_JSON = ZOO / "medigan" / "global.json"
@@ -271,26 +270,7 @@ def test_json_output_of_list_search_rank(capsys):
 
 
 def _card(directory: Path, card_id: str, *, weights: bool = True, tags: tuple[str, ...] = ()) -> ModelCard:
-    cfg = CganConfig(image_size=16, channels=1, n_labels=2, latent_dim=8, base_channels=8)
-    directory.mkdir(parents=True)
-    sha = save_weights(ConditionalGenerator(cfg).state_dict(), directory / "weights.safetensors") if weights else None
-    card = ModelCard(
-        id=card_id,
-        version="1.0.0",
-        architecture="cgan",
-        network=cfg.__dict__,
-        modality="MRI",
-        anatomy="brain",
-        image_size=(16, 16),
-        channels=1,
-        licence="MIT",
-        latent_dim=8,
-        tags=tags,
-        conditioning={"labels": ("a", "b")},
-        weights=Weights(file="weights.safetensors" if weights else None, sha256=sha),
-    )
-    save_card(card, directory / "card.yaml")
-    return card
+    return tiny_cgan_card(directory, card_id=card_id, labels=("a", "b"), weights=weights, tags=tags)
 
 
 def test_find_and_generate(tmp_path, monkeypatch):

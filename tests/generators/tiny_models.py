@@ -108,3 +108,46 @@ def make_tiny(directory: Path, architecture: str, *, style: str = "mednist", see
     )
     save_card(card, directory / "card.yaml")
     return directory / "card.yaml"
+
+
+def tiny_cgan_card(
+    directory: Path,
+    *,
+    card_id: str = "t/cgan",
+    labels: tuple[str, ...] = LABELS,
+    masks: int = 0,
+    seed: int = 0,
+    weights: bool = True,
+    tags: tuple[str, ...] = (),
+) -> ModelCard:
+    """A tiny seeded 16x16 conditional GAN (``masks`` mask classes, 0 = none) saved as
+    ``directory/card.yaml`` (+ ``weights.safetensors`` unless ``weights`` is False, a card
+    with no runnable weights); returns the card."""
+    from generators.architectures.cgan import CganConfig, ConditionalGenerator
+
+    torch.manual_seed(seed)
+    cfg = CganConfig(
+        image_size=SIZE, channels=1, n_labels=len(labels), latent_dim=8, base_channels=8, mask_classes=masks
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    sha = save_weights(ConditionalGenerator(cfg).state_dict(), directory / "weights.safetensors") if weights else None
+    conditioning: dict[str, Any] = {"labels": labels}
+    if masks:
+        conditioning.update(masks=True, mask_classes=("bg", "fg")[:masks])
+    card = ModelCard(
+        id=card_id,
+        version="1.0.0",
+        architecture="cgan",
+        network=cfg.__dict__,
+        modality="MRI",
+        anatomy="brain",
+        image_size=(SIZE, SIZE),
+        channels=1,
+        licence="MIT",
+        latent_dim=8,
+        tags=tags,
+        conditioning=conditioning,
+        weights=Weights(file="weights.safetensors" if weights else None, sha256=sha),
+    )
+    save_card(card, directory / "card.yaml")
+    return card

@@ -2,7 +2,8 @@
 the compose file is wired together (services, dependencies, volumes, secrets only by
 interpolation), the Kubernetes manifests carry their required fields, the work-pool job
 template renders to a valid GPU Job, prefect.yaml matches the flow's typed parameters,
-and hadolint passes the Dockerfile."""
+hadolint passes the Dockerfile, the Dask cluster examples (infra/dask) ask for GPU
+workers that see the project volume, and the scale-out docs name only real CLI flags."""
 
 from __future__ import annotations
 
@@ -202,3 +203,91 @@ def test_dockerfile_passes_hadolint_and_its_copy_sources_and_variants_exist():
             assert (REPO / item).exists(), f"COPY source {item} missing"
     ignore = (INFRA / "Dockerfile.dockerignore").read_text()
     assert "**" in ignore.split() and "!flows/**" in ignore.split()
+
+
+# --------------------------------------------------------------------------- dask (step 5)
+def _dask_cluster_docs() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((INFRA / "dask" / "kubernetes-cluster.yaml").read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def _project_mounts(container: dict, volumes: list[dict]) -> set[str]:
+    """Mount paths of ``container``'s persistent-volume-claim volumes (the project)."""
+    claims = {v["name"] for v in volumes if "persistentVolumeClaim" in v}
+    return {m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in claims}
+
+
+def test_dask_kubernetes_cluster_has_gpu_workers_the_prefect_api_and_the_project_volume():
+    docs = _dask_cluster_docs()
+    cluster = docs["DaskCluster"]
+    assert cluster["apiVersion"] == "kubernetes.dask.org/v1" and cluster["metadata"]["namespace"] == "synthmed"
+    worker_pod = cluster["spec"]["worker"]["spec"]
+    worker = worker_pod["containers"][0]
+    args = [str(a) for a in worker["args"]]
+    assert args[:2] == ["dask", "worker"]
+    assert args[args.index("--resources") + 1] == "GPU=1" and args[args.index("--nthreads") + 1] == "1"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["requests"]["nvidia.com/gpu"] == 1
+    images = {worker["image"], cluster["spec"]["scheduler"]["spec"]["containers"][0]["image"]}
+    assert images == {_gpu_template()["variables"]["properties"]["image"]["default"]}  # synthmed:cuda
+
+    k8s_names = {(d["kind"], d["metadata"]["name"]) for d in _k8s_docs()}
+    for pod in (worker_pod, cluster["spec"]["scheduler"]["spec"]):
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        ref = env["PREFECT_API_URL"]["valueFrom"]["configMapKeyRef"]
+        assert ("ConfigMap", ref["name"]) in k8s_names and ref["key"] == "PREFECT_API_URL"
+
+    service = cluster["spec"]["scheduler"]["service"]
+    assert {p["port"] for p in service["ports"]} == {8786, 8787}
+    assert service["selector"]["dask.org/cluster-name"] == cluster["metadata"]["name"]
+
+    # the project: one ReadWriteMany claim, at the same path in the workers, the scheduler
+    # pod (where the driver runs) and the compose worker; the work pool's job template
+    # mounts no project volume today (it clones), and any it gets must use this path too
+    claim = docs["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    worker_mounts = _project_mounts(worker, worker_pod["volumes"])
+    scheduler_pod = cluster["spec"]["scheduler"]["spec"]
+    scheduler_mounts = _project_mounts(scheduler_pod["containers"][0], scheduler_pod["volumes"])
+    assert len(worker_mounts) == 1 and worker_mounts == scheduler_mounts
+    assert all(
+        v["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        for v in worker_pod["volumes"] + scheduler_pod["volumes"]
+        if "persistentVolumeClaim" in v
+    )
+    (mount,) = worker_mounts
+    assert mount == _compose()["services"]["worker"]["working_dir"]
+    job_pod = _gpu_template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    job_mounts = {m["mountPath"] for m in job_pod["containers"][0].get("volumeMounts", [])} - {"/dev/shm"}
+    assert job_mounts <= {mount}, f"the job template mounts {job_mounts}, the Dask workers {mount}"
+
+
+def test_dask_slurm_example_compiles_and_asks_for_one_gpu_per_worker(tmp_path):
+    import py_compile
+
+    path = INFRA / "dask" / "slurm_cluster.py"
+    py_compile.compile(str(path), doraise=True, cfile=str(tmp_path / "slurm_cluster.pyc"))
+    text = path.read_text()
+    assert '"--gres=gpu:1"' in text and '"GPU=1"' in text and "PREFECT_API_URL" in text
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--jobs" in proc.stdout, proc.stderr
+
+
+def _synthmed_run_flags(text: str) -> set[str]:
+    """Flags written after ``synthmed run`` in ``text``: to the end of the inline code
+    span, the shell comment or the line (backslash continuations followed)."""
+    text = text.replace("\\\n", " ")
+    flags = set()
+    for match in re.finditer(r"synthmed run((?:[^`#\n])*)", text):
+        flags |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", match.group(1)))
+    return flags
+
+
+def test_every_synthmed_run_flag_in_the_scaleout_docs_exists():
+    exe = shutil.which("synthmed", path=str(Path(sys.executable).parent)) or shutil.which("synthmed")
+    assert exe, "synthmed not installed (pip install -e .)"
+    help_text = subprocess.run([exe, "run", "--help"], capture_output=True, text=True, check=True).stdout
+    known = set(re.findall(r"--[a-z][a-z-]*", help_text))
+    for doc in (REPO / "docs" / "scaleout.md", INFRA / "README.md"):
+        used = _synthmed_run_flags(doc.read_text())
+        assert {"--pipeline"} <= used, doc
+        assert used <= known, f"{doc.name}: unknown `synthmed run` flags {sorted(used - known)}"

@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from generators.architectures.cgan import CganConfig, ConditionalGenerator
-from generators.card import ModelCard, Weights, load_card, save_card
+from generators.card import load_card, save_card
 from generators.errors import ConfigError, DataError
 from generators.registry import list_entries, load_generator
 from generators.safe_paths import safe_join
 from generators.safe_yaml import MAX_YAML_BYTES
 from generators.weights import save_weights
 from tasks.config import _short, load_pipelines
+from tests.generators.tiny_models import tiny_cgan_card
 from tests.reliability.helpers import assert_one_line, cli, trained_project
 
 VALID = "pipelines:\n  demo:\n    source: {kind: mni152}\n    generator: {train: {}}\n"
@@ -53,24 +53,7 @@ def user_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def tiny_card(directory: Path, *, labels: tuple[str, ...] = ("healthy", "lesion"), **fields) -> Path:
     """A tiny seeded 16x16 cGAN as card.yaml + weights.safetensors; ``fields`` are written
     into the YAML unvalidated (to plant hostile ids and versions)."""
-    torch.manual_seed(0)
-    cfg = CganConfig(image_size=16, channels=1, n_labels=len(labels), latent_dim=8, base_channels=8)
-    directory.mkdir(parents=True, exist_ok=True)
-    sha = save_weights(ConditionalGenerator(cfg).state_dict(), directory / "weights.safetensors")
-    card = ModelCard(
-        id="t/tiny",
-        version="1.0.0",
-        architecture="cgan",
-        network=cfg.__dict__,
-        modality="MRI",
-        anatomy="brain",
-        image_size=(16, 16),
-        channels=1,
-        licence="MIT",
-        latent_dim=8,
-        conditioning={"labels": labels},
-        weights=Weights(file="weights.safetensors", sha256=sha),
-    )
+    card = tiny_cgan_card(directory, card_id="t/tiny", labels=labels)
     data = {**card.model_dump(mode="json"), **fields}
     (directory / "card.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return directory / "card.yaml"
