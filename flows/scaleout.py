@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from generators.errors import ConfigError, SynthmedError
-from tasks.config import RunnerSpec
+from tasks.config import DASK_ADDRESS, RunnerSpec
 from tasks.retrain_runs import Run, RunResult, SharedInputs, run_on_shared_inputs
 from tasks.synthesize import ShardMap, ShardPlan, ShardWrites
 
@@ -73,7 +73,10 @@ def resolve_runner(
     if address is not None:
         if kind not in (None, "dask"):
             raise ConfigError(f"--dask-address needs --runner dask (got --runner {kind}); drop one of them")
-        RunnerSpec(address=address)  # the same check as in pipelines.yaml
+        if not DASK_ADDRESS.fullmatch(address):  # the same check as in pipelines.yaml
+            raise ConfigError(
+                f"--dask-address: expected a Dask scheduler address like tcp://host:8786, got {address!r}"
+            )
         kind = "dask"
     if kind is None:
         kind = "threads" if shard_workers > 1 and spec.kind == "local" else spec.kind

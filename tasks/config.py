@@ -523,6 +523,9 @@ class StorageSpec(Strict):
         return None if value is None else _check_s3_uri(value)
 
 
+DASK_ADDRESS = re.compile(r"(tcp|tls|ucx|inproc)://\S+")
+
+
 class RunnerSpec(Strict):
     """Where a ``synthmed run`` makes synthesis shards and downstream retrain runs. Never
     changes what they hold (no stage lists it in its DVC params), only where they run.
@@ -544,7 +547,7 @@ class RunnerSpec(Strict):
     @field_validator("address")
     @classmethod
     def _address_is_a_scheduler(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", value):
+        if value is not None and not DASK_ADDRESS.fullmatch(value):
             raise ValueError(f"expected a Dask scheduler address like tcp://host:8786, got {value!r}")
         return value
 

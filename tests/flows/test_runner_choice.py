@@ -32,8 +32,10 @@ def test_the_pipeline_default_is_local_and_flags_override_it():
 def test_bad_runner_choices_are_one_line_errors():
     with pytest.raises(ConfigError, match="--dask-address needs --runner dask"):
         resolve_runner(RunnerSpec(), kind="threads", address="tcp://h:8786")
-    with pytest.raises(ValidationError, match="expected a Dask scheduler address like tcp://host:8786"):
+    with pytest.raises(ConfigError, match="--dask-address: expected a Dask scheduler address like tcp://host:8786"):
         resolve_runner(RunnerSpec(), address="h:8786")
+    with pytest.raises(ValidationError, match="expected a Dask scheduler address like tcp://host:8786"):
+        RunnerSpec(address="h:8786")
     with pytest.raises(ValidationError, match="kind"):
         RunnerSpec(kind="ray")
 
