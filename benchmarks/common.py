@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = ("inferior", "middle", "superior")
+LOAD_AT_START = os.getloadavg()[0]  # when the benchmark imported this module, before its work
 
 
 # --------------------------------------------------------------------------- machine
@@ -50,7 +51,8 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+        "load_avg_1m_at_start": round(LOAD_AT_START, 2),
+        "load_avg_1m_now": round(os.getloadavg()[0], 2),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "device": device,
     }
