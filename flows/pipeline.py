@@ -175,7 +175,7 @@ def augment(params: AugmentParams = AugmentParams()) -> dict[str, Any]:
     )
     if choice.kind != "local":
         logger.info("runner: %s", choice.describe())
-    with dask_cluster(choice) as choice:
+    with dask_cluster(choice, threads=cfg.threads) as choice:
         for verb in ORDER:
             if verb == "retrain" and rejected is not None:
                 logger.warning("the quality gate rejected the synthetic set; retrain runs for the report only")

@@ -266,15 +266,32 @@ def stage_options(verb: str, choice: RunnerChoice | None) -> dict[str, Any]:
     return {}
 
 
+def oversubscription(workers: int, threads: int, cores: int) -> str | None:
+    """A warning when ``workers`` local processes of ``threads`` torch threads each need
+    more than ``cores`` cores, else None."""
+    if workers * threads <= cores:
+        return None
+    return (
+        f"{workers} local Dask workers x {threads} torch threads (the pipeline's threads, fixed for byte-identical "
+        f"shards) > {cores} cores: synthesis will be oversubscribed and may be slower than serial; retrain runs "
+        "use 1 thread each (docs/scaleout.md)"
+    )
+
+
 @contextlib.contextmanager
-def dask_cluster(choice: RunnerChoice) -> Iterator[RunnerChoice]:
+def dask_cluster(choice: RunnerChoice, threads: int = 1) -> Iterator[RunnerChoice]:
     """``choice`` with a scheduler address: the given one, or a local cluster of
-    ``choice.workers`` processes started here and closed on exit. Other runners pass
-    through."""
+    ``choice.workers`` processes started here and closed on exit (a warning when they
+    would run more torch threads, ``threads`` each during synthesis, than this machine
+    has cores). Other runners pass through."""
     if choice.kind != "dask" or choice.address is not None:
         check_cluster(choice)
         yield choice
         return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    warning = None if choice.gpus_per_worker else oversubscription(choice.workers, threads, cores)
+    if warning:
+        log.warning(warning)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported; workers inherit it
     from distributed import LocalCluster, SpecCluster
 

@@ -88,3 +88,11 @@ def test_a_remote_scheduler_with_a_loopback_prefect_api_is_refused_before_connec
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with pytest.raises(ConfigError, match="on another host, but the Prefect API is http://127.0.0.1:4200/api"):
             check_cluster(choice)
+
+
+def test_an_oversubscribed_local_cluster_is_warned_about():
+    from flows.scaleout import oversubscription
+
+    assert oversubscription(2, 1, 2) is None and oversubscription(4, 2, 8) is None
+    assert "2 local Dask workers x 2 torch threads" in oversubscription(2, 2, 2)
+    assert "> 2 cores: synthesis will be oversubscribed" in oversubscription(2, 2, 2)
