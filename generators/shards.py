@@ -475,7 +475,9 @@ class DatasetWriter:
         name = self._shard_name(len(self._shards))
         if self.resume_key is not None:
             self._resumable.pop(name, None)
-        record = write_staged_shard(shard, self.staging, len(self._shards), recorded=self.resume_key is not None)
+        record = write_staged_shard(
+            shard, self.staging, len(self._shards), schema=self.schema, recorded=self.resume_key is not None
+        )
         self._count_in(record)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
