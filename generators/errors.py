@@ -34,3 +34,15 @@ class QualityGateError(SynthmedError):
 
 class TransientError(SynthmedError):
     """A network or storage hiccup worth retrying (the only kind Prefect retries)."""
+
+
+def worker_cannot_see(path: object) -> DataError:
+    """The error of a worker process (e.g. on a Dask cluster) to which ``path``, written or
+    announced by the run's driver, does not exist: the project is not on shared storage."""
+    import socket
+
+    return DataError(
+        f"worker {socket.gethostname()} cannot see the project's storage: {path} does not exist there; "
+        "every Dask worker needs the project directory at the same path (a shared filesystem such as "
+        "NFS or Lustre, or one ReadWriteMany volume on Kubernetes; S3 is not supported for shards)"
+    )

@@ -29,7 +29,7 @@ import torch
 
 from generators.compiled import compile_generator
 from generators.contract import Generator
-from generators.errors import ConfigError, DataError
+from generators.errors import ConfigError, worker_cannot_see
 from generators.registry import load_generator
 from generators.shards import write_staged_shard
 from tasks.config import PipelineConfig
@@ -71,11 +71,7 @@ class ShardMaker:
 
         staging = Path(self.staging)
         if not staging.is_dir():
-            raise DataError(
-                f"worker {socket.gethostname()} cannot see the project's storage: {staging} does not exist there; "
-                "every Dask worker needs the project directory at the same path (a shared filesystem such as "
-                "NFS or Lustre, or one ReadWriteMany volume on Kubernetes; S3 is not supported for shards)"
-            )
+            raise worker_cannot_see(staging)
         generator = cached_generator(self)
         table = generate_shard(generator, plan, batch_size=self.batch_size, dtype=self.dtype, masks=self.masks)
         return write_staged_shard(table, staging, plan.index)

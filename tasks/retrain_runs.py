@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import os
 import pickle
-import socket
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from generators.errors import DataError, SynthmedError
+from generators.errors import DataError, SynthmedError, worker_cannot_see
 from tasks import downstream
 from tasks.config import PipelineConfig
 from tasks.progress import Progress
@@ -149,11 +148,7 @@ def shared_inputs(shared: SharedInputs) -> RunInputs:
             return inputs
         path = Path(shared.path)
         if not path.is_file():
-            raise DataError(
-                f"worker {socket.gethostname()} cannot see the project's storage: {path} does not exist there; "
-                "every Dask worker needs the project directory at the same path (a shared filesystem such as "
-                "NFS or Lustre, or one ReadWriteMany volume on Kubernetes)"
-            )
+            raise worker_cannot_see(path)
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != shared.sha256:
             raise DataError(f"{path}: the retrain inputs changed while the stage ran; rerun the stage")
