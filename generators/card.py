@@ -24,6 +24,8 @@ ARCHITECTURES = (
     "ddpm",
     "ldm",
     "pix2pix",
+    "vae3d",
+    "ldm3d",
     "noise",
     "blobs",
     "real-holdout",
@@ -131,6 +133,9 @@ class ModelCard(CardModel):
     modality: str
     anatomy: str
     image_size: tuple[int, int]
+    volume_size: tuple[int, int, int] | None = Field(
+        None, description="(D, H, W) of a volume generator (its batches are (N, 1, D, H, W)); None: 2D images"
+    )
     channels: int = Field(ge=1)
     dtype: Literal["float32"] = "float32"
     value_range: tuple[float, float] = (0.0, 1.0)

@@ -4,12 +4,12 @@ Mask conditioning (segmentation augmentation): a generator that makes an image F
 given segmentation mask is a :class:`MaskConditionedGenerator`: it has
 ``mask_conditioned = True``, ``mask_classes`` (K) and ``generate(n, seed, condition,
 masks=None)``, where ``masks`` is int64 ``(N, H, W)`` in ``[0, K)`` at the card's image
-size. Its batch's ``masks`` are then exactly the given ones (pixel for pixel); without
+size (``(N, D, H, W)`` at its ``volume_size`` for a volume generator). Its batch's ``masks`` are then exactly the given ones (pixel for pixel); without
 ``masks`` it picks its own (e.g. from the training masks stored with its weights).
 Callers go through :func:`generate_batch`, which refuses masks (one-line
 ``GeneratorError``) for every other generator, so the other architectures and imported
-models need no change. Implemented by ``pix2pix`` and by ``ddpm`` trained with
-``with_masks: true``.
+models need no change. Implemented by ``pix2pix`` and by ``ddpm``, ``vae3d`` and ``ldm3d``
+trained with ``with_masks: true``.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def generate_batch(
     if not accepts_masks(generator):
         raise GeneratorError(
             f"{card.ref}: architecture '{card.architecture}' is not mask-conditioned and cannot make images for "
-            "given masks; use pix2pix or ddpm with with_masks: true, or remove synthesis.masks_from"
+            "given masks; use pix2pix, or ddpm/vae3d/ldm3d with with_masks: true, or remove synthesis.masks_from"
         )
     batch = generator.generate(n, seed, condition, masks=masks)
     if batch.masks is None or batch.masks.shape != masks.shape or not np.array_equal(batch.masks, masks):

@@ -41,6 +41,7 @@ from generators.errors import GeneratorError
 LATENT = 0  #: stream of an image's latent / initial noise
 CHOICE = 1  #: stream of an image's discrete random choices
 BATCH = 2**32 - 1  #: stream of the batch-level draws of controls (:func:`batch_rng`)
+DEFORM = 2**32 - 2  #: stream of an image's random mask deformation (volume generators' paired masks)
 
 _START: ContextVar[int] = ContextVar("synthmed_seed_stream_start", default=0)
 

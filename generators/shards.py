@@ -103,6 +103,13 @@ RAW_MAGIC = b"SMRW"
 _RAW_HEADER = struct.Struct("<4sBBHII")  # magic, version, dtype code, channels, height, width
 _RAW_VERSION = 1
 _RAW_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2")}
+#: a volume cell (``preprocess.dims: 3``): the same raw samples with the volume's shape in
+#: its header, so a row is self-describing (magic, version, dtype code, channels, depth,
+#: height, width); ``height``/``width`` columns hold H and W, the manifest's provenance
+#: ``volume_shape`` holds (D, H, W). Axes: canonical RAS voxel axes, D = x (left -> right),
+#: H = y (posterior -> anterior), W = z (inferior -> superior) (tasks.config.PreprocessSpec)
+VOLUME_MAGIC = b"SMV3"
+_VOLUME_HEADER = struct.Struct("<4sBBHIII")
 
 
 class ImageDecodeError(DataError, ValueError):
@@ -120,6 +127,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _check_image(image: np.ndarray) -> None:
+    if image.ndim == 4 and image.shape[0] == 1 and image.dtype in (np.uint8, np.uint16):
+        return  # a grey volume (1, D, H, W): raw encoding only
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise DataError(
             f"expected an image of shape (C, H, W) with C in (1, 3), got {image.shape}; "
@@ -132,9 +141,14 @@ def _check_image(image: np.ndarray) -> None:
 
 
 def encode_raw(image: np.ndarray) -> bytes:
-    """Encode a ``(C, H, W)`` uint8/uint16 array as a ``raw`` cell: header + samples."""
+    """Encode a ``(C, H, W)`` uint8/uint16 image, or a ``(1, D, H, W)`` volume, as a
+    ``raw`` cell: header (with the shape) + samples."""
     _check_image(image)
     code = 1 if image.dtype == np.uint8 else 2
+    if image.ndim == 4:
+        channels, depth, height, width = image.shape
+        header = _VOLUME_HEADER.pack(VOLUME_MAGIC, _RAW_VERSION, code, channels, depth, height, width)
+        return header + np.ascontiguousarray(image, dtype=_RAW_DTYPES[code]).tobytes()
     channels, height, width = image.shape
     header = _RAW_HEADER.pack(RAW_MAGIC, _RAW_VERSION, code, channels, height, width)
     return header + np.ascontiguousarray(image, dtype=_RAW_DTYPES[code]).tobytes()
@@ -144,7 +158,7 @@ def encode_image(image: np.ndarray, encoding: str | None = None) -> bytes:
     """Encode a ``(C, H, W)`` uint8/uint16 array as ``encoding`` (``raw`` or ``png``;
     default :data:`IMAGE_ENCODING`)."""
     encoding = IMAGE_ENCODING if encoding is None else encoding
-    if encoding == "raw":
+    if encoding == "raw" or image.ndim == 4:  # PNG holds no volume: volumes are always raw
         return encode_raw(image)
     if encoding == "png":
         return encode_png(image)
@@ -166,14 +180,42 @@ def _decode_raw(data: bytes) -> np.ndarray:
     return pixels.astype(dtype.newbyteorder("="))  # a writable native-order copy
 
 
+def _decode_volume(data: bytes) -> np.ndarray:
+    if len(data) < _VOLUME_HEADER.size:
+        raise ImageDecodeError(f"volume cell of {len(data)} bytes is shorter than its header; the data is corrupt")
+    _, version, code, channels, depth, height, width = _VOLUME_HEADER.unpack_from(data)
+    dtype = _RAW_DTYPES.get(code)
+    expected = _VOLUME_HEADER.size + channels * depth * height * width * (dtype.itemsize if dtype else 0)
+    if version != _RAW_VERSION or dtype is None or len(data) != expected:
+        raise ImageDecodeError(
+            f"volume cell (version {version}, dtype code {code}, {len(data)} bytes) does not match its header "
+            f"(expected version {_RAW_VERSION}, {expected} bytes); the data is corrupt or from a newer synthmed"
+        )
+    voxels = np.frombuffer(data, dtype=dtype, offset=_VOLUME_HEADER.size).reshape(channels, depth, height, width)
+    return voxels.astype(dtype.newbyteorder("="))
+
+
+def cell_shape(data: bytes) -> tuple[int, ...]:
+    """The shape a cell decodes to, from its header alone: ``(C, H, W)`` for a raw image,
+    ``(C, D, H, W)`` for a volume; PNG cells are decoded to find out."""
+    if data[:4] == VOLUME_MAGIC and len(data) >= _VOLUME_HEADER.size:
+        return tuple(int(v) for v in _VOLUME_HEADER.unpack_from(data)[3:])
+    if data[:4] == RAW_MAGIC and len(data) >= _RAW_HEADER.size:
+        return tuple(int(v) for v in _RAW_HEADER.unpack_from(data)[3:])
+    return tuple(decode_image(data).shape)
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode an image cell (``raw`` or PNG) to a ``(C, H, W)`` uint8 or uint16 array.
+    """Decode an image cell (``raw`` or PNG) to a ``(C, H, W)`` uint8 or uint16 array, or a
+    volume cell to ``(C, D, H, W)``.
 
     Raises :class:`ImageDecodeError` for a corrupt raw cell, and Pillow's ``OSError``
     (``UnidentifiedImageError``) / ``ValueError`` / ``SyntaxError`` for bytes that are
     neither a raw cell nor a readable PNG."""
     if data[:4] == RAW_MAGIC:
         return _decode_raw(data)
+    if data[:4] == VOLUME_MAGIC:
+        return _decode_volume(data)
     with Image.open(io.BytesIO(data)) as img:
         array = np.asarray(img)
     if array.dtype == np.int32 or array.dtype == np.uint32:  # PIL mode "I" for 16-bit
@@ -201,7 +243,8 @@ def from_unit_float(image: np.ndarray, dtype: str) -> np.ndarray:
 # --------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class Row:
-    """One dataset row before encoding. ``image``: (C, H, W) uint8/uint16; ``mask``: (H, W) uint8."""
+    """One dataset row before encoding. ``image``: (C, H, W) uint8/uint16; ``mask``: (H, W)
+    uint8. A volume row: ``image`` (1, D, H, W), ``mask`` (D, H, W)."""
 
     id: str
     subject: str
@@ -222,8 +265,8 @@ class Row:
             "label": self.label,
             "image": encode_image(self.image),
             "mask": mask,
-            "height": int(self.image.shape[1]),
-            "width": int(self.image.shape[2]),
+            "height": int(self.image.shape[-2]),
+            "width": int(self.image.shape[-1]),
             "channels": int(self.image.shape[0]),
             "dtype": str(self.image.dtype),
             "source": self.source,
@@ -735,7 +778,8 @@ def read_table(dataset: Path, columns: Sequence[str] | None = None, splits: Sequ
 @dataclass(frozen=True)
 class ImageArrays:
     """Decoded images of a table. ``images``: float32 (N, C, H, W) in [0, 1];
-    ``masks``: int64 (N, H, W) or None; ``labels``: list of class names (or None)."""
+    ``masks``: int64 (N, H, W) or None; ``labels``: list of class names (or None).
+    Volumes: images (N, 1, D, H, W), masks (N, D, H, W) (every row of one shape)."""
 
     images: np.ndarray
     masks: np.ndarray | None
@@ -747,6 +791,12 @@ def decode_table(table: pa.Table) -> ImageArrays:
     """Decode the ``image`` (and ``mask`` where every row has one) columns of a table."""
     blobs = table.column("image").to_pylist()
     images = [to_unit_float(decode_image(b)) for b in blobs]
+    shapes = sorted({image.shape for image in images})
+    if len(shapes) > 1:
+        raise DataError(
+            f"expected every row of one shape to stack them, got {len(shapes)} shapes ({shapes[0]} ... {shapes[-1]}); "
+            "read one split at a time (volume datasets may store val/test at another size than train)"
+        )
     stacked = np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 1), np.float32)
     masks = None
     if "mask" in table.column_names:

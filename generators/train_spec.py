@@ -19,9 +19,14 @@ MASK_ARCHITECTURES = (
     "blobs",
     "real-holdout",
     "ddpm",
+    "vae3d",
+    "ldm3d",
 )  # the architectures that use ``with_masks``
-#: the architectures that make images FOR given masks (pix2pix always; ddpm with ``with_masks: true``)
-MASK_CONDITIONED_ARCHITECTURES = ("pix2pix", "ddpm")
+#: the architectures that make images FOR given masks (pix2pix always; ddpm, vae3d and ldm3d
+#: with ``with_masks: true``)
+MASK_CONDITIONED_ARCHITECTURES = ("pix2pix", "ddpm", "vae3d", "ldm3d")
+#: the architectures that make volumes (N, 1, D, H, W) and train on ``preprocess.dims: 3`` data
+VOLUME_ARCHITECTURES = ("vae3d", "ldm3d")
 
 
 class TrainSpec(BaseModel):
@@ -32,7 +37,10 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: noise, blobs (negative) and real-holdout (positive): controls, see generators/architectures/controls.py
-    architecture: Literal["cgan", "dcgan", "vae", "ddpm", "ldm", "pix2pix", "noise", "blobs", "real-holdout"] = "cgan"
+    #: vae3d, ldm3d: volumes (preprocess.dims 3), see generators/architectures/vae3d.py and ldm3d.py
+    architecture: Literal[
+        "cgan", "dcgan", "vae", "ddpm", "ldm", "pix2pix", "vae3d", "ldm3d", "noise", "blobs", "real-holdout"
+    ] = "cgan"
     loss: Literal["hinge", "bce"] = "hinge"
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -56,14 +64,20 @@ class TrainSpec(BaseModel):
     amp: bool = Field(True, description="bf16 autocast on GPU; ignored on CPU")
     checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")
     seed: Seed = 0
-    kl_weight: float = Field(1.0, ge=0, description="vae: weight of the KL term (a beta-VAE when not 1)")
+    kl_weight: float = Field(1.0, ge=0, description="vae, vae3d: weight of the KL term (a beta-VAE when not 1)")
+    adversarial_weight: float = Field(
+        0.005,
+        ge=0,
+        description="vae3d: weight per voxel of a small 3D PatchDiscriminator's hinge term (Adam at "
+        "lr_discriminator); restores texture the squared error blurs away at ~1.2x the training time; 0: none",
+    )
     timesteps: int = Field(1000, ge=2, description="ddpm: diffusion steps of the training noise schedule")
     ddim_steps: int = Field(50, ge=1, description="ddpm: DDIM denoising steps per generated batch")
     noise_schedule: Literal["cosine", "linear_beta", "scaled_linear_beta"] = Field(
         "cosine", description="ddpm: beta schedule (MONAI scheduler names); cosine suits any timesteps"
     )
     autoencoder_epochs: int = Field(
-        100, ge=1, description="ldm: epochs of the autoencoder stage (cached apart from the diffusion stage)"
+        100, ge=1, description="ldm, ldm3d: epochs of the autoencoder stage (cached apart from the diffusion stage)"
     )
     autoencoder_channels: tuple[int, ...] = Field(
         (32, 64, 64), description="ldm: AutoencoderKL widths, one per level; n levels downsample 2**(n-1) times"
@@ -89,10 +103,18 @@ class TrainSpec(BaseModel):
         "as in rectified-flow image models) puts the training effort on the middle of the path",
     )
     l1_weight: float = Field(100.0, ge=0, description="pix2pix: weight of the L1 term (100 in the pix2pix paper)")
+    mask_deformation: float = Field(
+        4.0,
+        ge=0,
+        le=64,
+        description="vae3d, ldm3d with with_masks: paired generation bends each pool mask by a random smooth "
+        "deformation of this amplitude (voxels, std of 4^3 control-point displacements) so volumes get new "
+        "anatomy, not a training cube's; 0: the stored training masks as they are (near-copies)",
+    )
     mask_pool_size: int = Field(
         64,
         ge=0,
-        description="pix2pix and mask-conditioned ddpm: training masks stored with the weights, to draw conditions from at generation",
+        description="pix2pix and mask-conditioned ddpm, vae3d, ldm3d: training masks stored with the weights, to draw conditions from at generation",
     )
 
     @model_validator(mode="after")
@@ -104,7 +126,7 @@ class TrainSpec(BaseModel):
                 f"with_masks is supported by {', '.join(MASK_ARCHITECTURES)}, not {self.architecture}; "
                 "set with_masks: false or choose one of those"
             )
-        if self.architecture == "ldm" and self.sample_steps > self.timesteps:
+        if self.architecture in ("ldm", "ldm3d") and self.sample_steps > self.timesteps:
             raise ValueError(
                 f"sample_steps ({self.sample_steps}) cannot exceed timesteps ({self.timesteps}); lower sample_steps"
             )

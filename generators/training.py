@@ -29,15 +29,16 @@ import torch.nn.functional as F
 
 from generators.errors import DataError, GeneratorError
 from generators.shards import sha256_file
-from generators.train_spec import TrainSpec
+from generators.train_spec import VOLUME_ARCHITECTURES, TrainSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """``images``: float32 (N, C, H, W) in [0, 1]; ``labels``: int64 (N,) indices into
-    ``label_names``; ``masks``: int64 (N, H, W) in [0, K) or None."""
+    """``images``: float32 (N, C, H, W) in [0, 1] (volumes: (N, 1, D, H, W)); ``labels``:
+    int64 (N,) indices into ``label_names``; ``masks``: int64 (N, H, W) (volumes:
+    (N, D, H, W)) in [0, K) or None."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -46,9 +47,12 @@ class TrainingData:
     mask_classes: int = 0
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or len(self.images) == 0:
-            raise DataError(f"expected training images (N, C, H, W) with N > 0, got shape {self.images.shape}")
-        if self.images.shape[2] != self.images.shape[3]:
+        if self.images.ndim not in (4, 5) or len(self.images) == 0:
+            raise DataError(
+                f"expected training images (N, C, H, W) or volumes (N, 1, D, H, W) with N > 0, "
+                f"got shape {self.images.shape}"
+            )
+        if self.images.ndim == 4 and self.images.shape[2] != self.images.shape[3]:
             raise DataError(f"expected square images, got {self.images.shape[2]}x{self.images.shape[3]}")
         if len(self.labels) != len(self.images):
             raise DataError(f"expected one label per image, got {len(self.labels)} for {len(self.images)}")
@@ -485,6 +489,8 @@ _TRAINERS: dict[str, tuple[str, str]] = {
     "ddpm": ("generators.architectures.ddpm", "train_ddpm"),
     "ldm": ("generators.architectures.ldm", "train_ldm"),
     "pix2pix": ("generators.architectures.pix2pix", "train_pix2pix"),
+    "vae3d": ("generators.architectures.vae3d", "train_vae3d"),
+    "ldm3d": ("generators.architectures.ldm3d", "train_ldm3d"),
     "noise": ("generators.architectures.controls", "train_noise"),
     "blobs": ("generators.architectures.controls", "train_blobs"),
     "real-holdout": ("generators.architectures.controls", "train_real_holdout"),
@@ -507,6 +513,15 @@ def train_generator(
         raise GeneratorError(
             f"architecture '{spec.architecture}' is a control that learns no weights and runs in one process, "
             f"got a torchrun group of {world}; start it without torchrun"
+        )
+    volumes = data.images.ndim == 5
+    if spec.architecture not in SINGLE_PROCESS and volumes != (spec.architecture in VOLUME_ARCHITECTURES):
+        made = "volumes" if spec.architecture in VOLUME_ARCHITECTURES else "2D images"
+        raise DataError(
+            f"architecture '{spec.architecture}' makes {made} but the training data are "
+            f"{'volumes' if volumes else '2D images'} (shape {data.images.shape}); use "
+            f"{' or '.join(VOLUME_ARCHITECTURES) if volumes else 'a 2D architecture'} for preprocess.dims "
+            f"{3 if volumes else 2}"
         )
     module_name, function_name = _TRAINERS[spec.architecture]
     train = getattr(importlib.import_module(module_name), function_name)

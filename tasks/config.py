@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from generators.errors import ConfigError
 from generators.safe_yaml import load_yaml
-from generators.train_spec import MASK_CONDITIONED_ARCHITECTURES, Seed, TrainSpec
+from generators.train_spec import MASK_CONDITIONED_ARCHITECTURES, VOLUME_ARCHITECTURES, Seed, TrainSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
@@ -134,10 +134,51 @@ class SplitSpec(Strict):
         return self
 
 
-class PreprocessSpec(Strict):
-    """Resampling and quantisation applied at ingest. Volumes are sliced along
-    ``slice_axis``; slices whose foreground fraction is below ``min_foreground`` dropped."""
+class PatchSpec(Strict):
+    """Volumes cut into cubes (``preprocess.dims: 3``): one volume gives many samples.
 
+    ``per_volume`` cubes of ``size`` voxels per side are drawn (seeded, ``pipeline.seed``)
+    from each train-split region, centred where the foreground (mask, else intensity above
+    the volume's mean) covers at least ``min_foreground`` of the cube. Val/test rows are
+    cubes of ``eval_size`` (default ``size``), which the downstream model reads with
+    sliding-window inference. With ``split_axis`` set, ONE volume is divided into three
+    slabs along that axis (train/val/test in ``preprocess.split`` fractions) and each cube
+    lies inside its own slab, so no voxel is shared between splits: the way to use a single
+    template (the demo). Patches of one volume are NOT independent subjects; reports say so."""
+
+    size: int = Field(32, ge=8, le=256)
+    per_volume: int = Field(64, ge=1, le=100_000)
+    eval_size: int | None = Field(None, ge=8, le=512)
+    eval_per_volume: int = Field(4, ge=1, le=10_000, description="val/test cubes per volume (or per slab)")
+    min_foreground: float = Field(0.25, ge=0, le=1)
+    split_axis: Literal[0, 1, 2] | None = None
+
+
+class PreprocessSpec(Strict):
+    """Resampling and quantisation applied at ingest. ``dims: 2`` (default): volumes are
+    sliced along ``slice_axis``; slices whose foreground fraction is below
+    ``min_foreground`` dropped. ``dims: 3``: volumes (NIfTI, multi-frame or series DICOM)
+    stay volumes, resampled to ``spacing_mm`` and cropped/padded to ``grid`` (D, H, W;
+    default size^3) around their centre, or cut into cubes (``patch``); masks resampled by
+    nearest neighbour. 2D files are rejected in a 3D pipeline.
+
+    Axis convention of a stored volume ``(1, D, H, W)``: the closest canonical RAS voxel
+    axes (``nibabel.as_closest_canonical``), D = x (left -> right), H = y (posterior ->
+    anterior), W = z (inferior -> superior). An axial plane is ``volume[0, :, :, k]``, a
+    coronal one ``volume[0, :, j, :]``, a sagittal one ``volume[0, i, :, :]``."""
+
+    dims: Literal[2, 3] = 2
+    spacing_mm: tuple[float, float, float] | None = Field(
+        None, description="dims 3: voxel spacing after resampling, mm per axis (None: keep the file's)"
+    )
+    grid: tuple[int, int, int] | None = Field(None, description="dims 3: (D, H, W) after crop/pad; None: size^3")
+    patch: PatchSpec | None = None
+    max_volume_mib: float = Field(
+        2048.0,
+        gt=0,
+        le=1024 * 1024,
+        description="dims 3: memory one volume may take as float32 after resampling (MiB); bigger files are rejected",
+    )
     size: int = Field(64, ge=8, le=1024)
     bit_depth: Literal[8, 16] = 8
     channels: Literal[1, 3] = 1
@@ -173,7 +214,27 @@ class PreprocessSpec(Strict):
             raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {list(self.clip_percentiles)}")
         if self.bit_depth == 16 and self.channels == 3:
             raise ValueError("bit_depth 16 needs channels 1 (PNG stores RGB as 8-bit); use bit_depth 8 for RGB")
+        if self.dims == 3 and self.channels != 1:
+            raise ValueError("dims 3 needs channels 1 (volumes are grey); set channels: 1")
+        if self.dims == 2 and (self.patch is not None or self.grid is not None or self.spacing_mm is not None):
+            raise ValueError("patch, grid and spacing_mm apply to volumes; set dims: 3 or remove them")
+        if self.spacing_mm is not None and min(self.spacing_mm) <= 0:
+            raise ValueError(f"spacing_mm must be positive, got {list(self.spacing_mm)}")
+        if self.grid is not None and min(self.grid) < 8:
+            raise ValueError(f"grid sides must be at least 8 voxels, got {list(self.grid)}")
         return self
+
+    def volume_shape(self) -> tuple[int, int, int]:
+        """(D, H, W) of a train-split row (dims 3): the patch cube, else the grid."""
+        if self.patch is not None:
+            return (self.patch.size,) * 3
+        return tuple(self.grid) if self.grid is not None else (self.size,) * 3
+
+    def eval_shape(self) -> tuple[int, int, int]:
+        """(D, H, W) of a val/test row (dims 3): ``patch.eval_size`` cubes, else as train."""
+        if self.patch is not None and self.patch.eval_size is not None:
+            return (self.patch.eval_size,) * 3
+        return self.volume_shape()
 
 
 class GeneratorSpec(Strict):
@@ -473,6 +534,14 @@ class RetrainSpec(Strict):
         "(balanced accuracy / mean Dice); the test split is never used for selection",
     )
     eval_every: int = Field(25, ge=1, description="steps between validation scores when select_on_val")
+    roi_size: int | None = Field(
+        None,
+        ge=8,
+        le=512,
+        description="volumes: side of the cubes the model trains on (random crops) and of the sliding window "
+        "it infers with on whole val/test volumes; None: the train rows' size",
+    )
+    sw_overlap: float = Field(0.25, ge=0, lt=1, description="volumes: sliding-window overlap at inference")
 
     @model_validator(mode="after")
     def _network_fits_task(self) -> "RetrainSpec":
@@ -594,9 +663,21 @@ class PipelineConfig(Strict):
         train = self.generator.train  # a registry generator (id/query) is checked when synthesize loads it
         if train is not None and not (train.architecture in MASK_CONDITIONED_ARCHITECTURES and train.with_masks):
             raise ValueError(
-                f"synthesis.masks_from needs a mask-conditioned generator (pix2pix, or ddpm with with_masks: true), "
+                f"synthesis.masks_from needs a mask-conditioned generator (pix2pix, or ddpm, vae3d or ldm3d with with_masks: true), "
                 f"got generator.train.architecture '{train.architecture}' with with_masks: {str(train.with_masks).lower()}; "
                 "change the generator or remove synthesis.masks_from"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _generator_fits_dims(self) -> "PipelineConfig":
+        train = self.generator.train
+        if train is None or train.architecture in ("noise", "blobs", "real-holdout"):
+            return self
+        if (train.architecture in VOLUME_ARCHITECTURES) != (self.preprocess.dims == 3):
+            raise ValueError(
+                f"generator.train.architecture '{train.architecture}' does not fit preprocess.dims "
+                f"{self.preprocess.dims}; use vae3d or ldm3d for dims 3, a 2D architecture for dims 2"
             )
         return self
 
@@ -604,12 +685,17 @@ class PipelineConfig(Strict):
     def _shard_fits_in_memory(self) -> "PipelineConfig":
         pre = self.preprocess
         image_bytes = pre.size * pre.size * pre.channels * (pre.bit_depth // 8)
+        shown = f"{pre.size}x{pre.size} image"
+        if pre.dims == 3:
+            depth, height, width = pre.volume_shape()
+            image_bytes = depth * height * width * (pre.bit_depth // 8)
+            shown = f"{depth}x{height}x{width} volume"
         shard_bytes = self.synthesis.shard_rows * image_bytes
         if shard_bytes > MAX_SHARD_BYTES:
             fitting = max(1, MAX_SHARD_BYTES // image_bytes)
             raise ValueError(
                 f"synthesis.shard_rows {self.synthesis.shard_rows} x {image_bytes:,} bytes per "
-                f"{pre.size}x{pre.size} image = {shard_bytes / 2**30:.1f} GiB per shard in memory; at most "
+                f"{shown} = {shard_bytes / 2**30:.1f} GiB per shard in memory; at most "
                 f"{MAX_SHARD_BYTES / 2**30:.0f} GiB: set shard_rows <= {fitting}"
             )
         return self

@@ -18,6 +18,10 @@ uint16, lossless), so reading a file back gives the stored array.
 - **NIfTI** (grey only): a 2D image ``(H, W)`` is stored as data of shape ``(W, H, 1)`` with
   ``data[..., 0] = np.rot90(image, -1)`` and an identity (RAS+) affine, the convention of
   ``tasks.readers.cut_volume``: ``np.rot90(nib.load(f).get_fdata()[..., 0])`` is the image.
+- **Volumes** (``preprocess.dims: 3``): NIfTI only, one ``.nii.gz`` per volume (and mask),
+  data ``(D, H, W)`` exactly as stored (canonical RAS voxel axes) with the affine
+  ``diag(spacing_mm)`` of the real dataset's ingest (1 mm when unknown); PNG and DICOM
+  refuse a volume set with one line.
 - **DICOM**: Secondary Capture Image Storage, explicit VR little endian, one instance per
   image, fresh UIDs (one study per export, one series per class; ``pydicom.uid.generate_uid``),
   and tags that mark it synthetic: PatientName ``SYNTHETIC``, PatientID ``SYNTHETIC``,
@@ -46,7 +50,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from generators.errors import DataError
-from generators.shards import decode_image, encode_png, iter_tables, verify_dataset
+from generators.shards import decode_image, encode_png, iter_tables, read_manifest, verify_dataset
 from tasks.paths import PipelinePaths
 from tasks.progress import Progress
 
@@ -65,7 +69,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 @dataclass(frozen=True)
 class Item:
-    """One stored row. ``image``: ``(C, H, W)`` uint8/uint16; ``mask``: ``(H, W)`` uint8 or None."""
+    """One stored row. ``image``: ``(C, H, W)`` uint8/uint16; ``mask``: ``(H, W)`` uint8 or None
+    (a volume: ``(1, D, H, W)`` and ``(D, H, W)``)."""
 
     id: str
     label: str
@@ -111,6 +116,31 @@ def write_nifti(array: np.ndarray, path: Path) -> None:
     image.header.set_data_dtype(data.dtype)
     image.header["descrip"] = b"synthmed synthetic image"
     nib.save(image, str(path))
+
+
+def write_nifti_volume(array: np.ndarray, path: Path, spacing_mm: tuple[float, float, float]) -> None:
+    """``array``: a ``(1, D, H, W)`` uint8/uint16 volume or a ``(D, H, W)`` uint8 mask, stored
+    as is (RAS voxel axes) with the affine ``diag(spacing_mm)``."""
+    import nibabel as nib
+
+    data = np.ascontiguousarray(array[0] if array.ndim == 4 else array)
+    image = nib.Nifti1Image(data, np.diag([*spacing_mm, 1.0]))
+    image.header.set_data_dtype(data.dtype)
+    image.header.set_xyzt_units("mm")
+    image.header["descrip"] = b"synthmed synthetic volume"
+    nib.save(image, str(path))
+
+
+def real_spacing(paths: PipelinePaths) -> tuple[float, float, float]:
+    """The voxel spacing (mm) the real dataset was resampled to, from its manifest; 1 mm
+    when it does not say."""
+    try:
+        spacing = read_manifest(paths.real).get("provenance", {}).get("spacing_mm")
+    except DataError:
+        spacing = None
+    if isinstance(spacing, list) and len(spacing) == 3:
+        return (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    return (1.0, 1.0, 1.0)
 
 
 def _dicom_dataset(array: np.ndarray, item: Item, context: DicomContext, number: int, mask: bool) -> Any:
@@ -166,8 +196,20 @@ def write_dicom(array: np.ndarray, path: Path, item: Item, context: DicomContext
     ds.save_as(str(path), enforce_file_format=True)
 
 
-def _write(fmt: str, array: np.ndarray, path: Path, item: Item, context: DicomContext | None, number: int) -> None:
-    if fmt == "png":
+def _write(
+    fmt: str,
+    array: np.ndarray,
+    path: Path,
+    item: Item,
+    context: DicomContext | None,
+    number: int,
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> None:
+    if item.image.ndim == 4:
+        if fmt != "nifti":
+            raise DataError(f"row {item.id} is a volume; volumes export as NIfTI only: use --format nifti")
+        write_nifti_volume(array, path, spacing_mm)
+    elif fmt == "png":
         write_png(array, path)
     elif fmt == "nifti":
         write_nifti(array, path)
@@ -248,6 +290,7 @@ def export_synthetic(
 
         series = {label + kind: generate_uid() for label in labels for kind in ("", "/mask")}
         context = DicomContext(study_uid=generate_uid(), series_uids=series)
+    spacing = real_spacing(paths)
     progress = Progress(f"export {fmt}", int(manifest["rows"]))
     records: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
@@ -259,9 +302,9 @@ def export_synthetic(
         mask_path = folder / f"{stem}_mask{suffix}" if item.mask is not None else None
         if image_path.exists():
             raise DataError(f"{image_path}: two rows map to this file name; expected unique row ids")
-        _write(fmt, item.image, image_path, item, context, number)
+        _write(fmt, item.image, image_path, item, context, number, spacing)
         if mask_path is not None and item.mask is not None:
-            _write(fmt, item.mask, mask_path, item, context, number)
+            _write(fmt, item.mask, mask_path, item, context, number, spacing)
         counts[item.label] = counts.get(item.label, 0) + 1
         records.append(
             {

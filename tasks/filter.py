@@ -110,7 +110,7 @@ from generators.shards import (
     write_json_atomic,
 )
 from tasks import contrastive, downstream, features, mask_filters, nn_filters, quality_sets, realism
-from tasks.config import AugmentSpec, PipelineConfig
+from tasks.config import AugmentSpec, PipelineConfig, QualitySpec
 from tasks.paths import PipelinePaths
 from tasks.runtime import setup_torch
 
@@ -516,6 +516,30 @@ def _score_synthetic(
         if check_shape:
             usable += [offset + i for i in ok]
             images += [decoded[i] for i in ok]
+    scores = score_sanity_and_masks(labels, spec, sanity_rows, masks, mask_rows)
+    if spec.label_consistency.enabled:
+        confidence = np.concatenate(confidence_rows) if confidence_rows else np.zeros(0)
+        scores.columns["q_label_confidence"] = confidence
+        scores.keep_label = confidence >= spec.label_consistency.min_confidence  # NaN -> dropped
+    scores.usable = np.asarray(usable, dtype=np.int64)
+    if images:
+        scores.images = np.stack(images).astype(np.float32)
+    else:
+        scores.images = np.zeros((0, *real_shape), np.float32)
+    return scores
+
+
+def score_sanity_and_masks(
+    labels: list[str],
+    spec: QualitySpec,
+    sanity_rows: list[np.ndarray],
+    masks: Any,
+    mask_rows: list[np.ndarray],
+) -> SyntheticScores:
+    """Scores of ``len(labels)`` rows with every filter keeping them, then the sanity decision
+    (``sanity_rows``: per shard float64 ``(n, 3)`` of std, saturated fraction, NaN flag) and,
+    with a mask reference ``masks``, the mask decisions (``mask_rows``: per shard
+    ``(n, len(MASK_COLUMNS))``); shared by the 2D and the volume filter stage."""
     n = len(labels)
     scores = SyntheticScores(
         labels=labels,
@@ -533,21 +557,12 @@ def _score_synthetic(
             & (sanity[:, 0] >= spec.sanity.min_std)
             & (sanity[:, 1] <= spec.sanity.max_saturated_fraction)
         )
-    if spec.label_consistency.enabled:
-        confidence = np.concatenate(confidence_rows) if confidence_rows else np.zeros(0)
-        scores.columns["q_label_confidence"] = confidence
-        scores.keep_label = confidence >= spec.label_consistency.min_confidence  # NaN -> dropped
     if masks is not None:
         mask_scores = np.concatenate(mask_rows) if mask_rows else np.zeros((0, len(mask_filters.MASK_COLUMNS)))
         scores.columns.update(zip(mask_filters.MASK_COLUMNS, mask_scores.T, strict=True))
         scores.keep_mask_class, scores.keep_mask_plausible, scores.keep_mask_agree = mask_filters.decide(
             masks, mask_scores
         )
-    scores.usable = np.asarray(usable, dtype=np.int64)
-    if images:
-        scores.images = np.stack(images).astype(np.float32)
-    else:
-        scores.images = np.zeros((0, *real_shape), np.float32)
     return scores
 
 
@@ -748,7 +763,12 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
     """Score, filter, measure and write the synthetic dataset; returns the counts of
     ``quality.json`` (``per_class``, ``totals``, ``kept_fraction``), the label classifier's
     val accuracy, the extractor name, the kept set's overall FID/KID and ``gate_passed``.
-    Raises QualityGateError after writing when a ``quality.gate`` bound is crossed."""
+    Raises QualityGateError after writing when a ``quality.gate`` bound is crossed. Volume
+    pipelines (``preprocess.dims: 3``) are handled by :mod:`tasks.quality_volumes`."""
+    if cfg.preprocess.dims == 3:
+        from tasks.quality_volumes import filter_volumes
+
+        return filter_volumes(cfg, paths)
     spec = cfg.quality
     use_label, use_metrics = spec.label_consistency.enabled, spec.metrics.enabled
     classes = _check_labels(cfg, paths)

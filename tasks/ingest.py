@@ -46,6 +46,10 @@ references), or a label map named ``<stem>_seg.nii.gz`` next to ``<stem>.*``
 (:mod:`tasks.ingest_sources`). Warnings that pydicom/nibabel raise while reading are
 logged once each, on one line, after the files are read (no tracebacks).
 
+With ``preprocess.dims: 3`` volumes stay volumes (whole grids or cubes, resampled to
+``spacing_mm``): :func:`ingest` hands over to :mod:`tasks.ingest_volumes` after
+localising the source; 2D files are rejects there.
+
 Modules: :mod:`tasks.ingest_sources` (inputs, path safety, mask pairing),
 :mod:`tasks.readers` / :mod:`tasks.readers_dicom` (one reader per format),
 :mod:`tasks.ingest_pixels` (scaling, resizing), :mod:`tasks.ingest_splits` (splits).
@@ -327,6 +331,48 @@ def _mni152_outcome(src: Mni152Source, spec: PreprocessSpec) -> tuple[_Outcome, 
 
 
 # --------------------------------------------------------------------------- stage
+def drop_duplicates(inputs: list[Input]) -> tuple[list[Input], list[dict[str, str]]]:
+    """``(inputs without repeats of one file, a reject per repeat)``; the first is kept."""
+    unique: list[Input] = []
+    rejects: list[dict[str, str]] = []
+    first: dict[str, Input] = {}
+    for item in inputs:
+        if item.key in first:
+            where = f"at CSV lines {first[item.key].line} and {item.line}" if item.line else "twice"
+            rejects.append(
+                {
+                    "file": item.file,
+                    "reason": f"duplicate id: the same image is listed {where}; the first is kept, "
+                    "remove the other row",
+                }
+            )
+            continue
+        first[item.key] = item
+        unique.append(item)
+    return unique, rejects
+
+
+def base_provenance(cfg: PipelineConfig, notes: list[str]) -> dict[str, Any]:
+    """The manifest provenance every ingest writes (2D and 3D): stage, source, preprocess,
+    seed, pseudonym key id, split notes."""
+    return {
+        "stage": "ingest",
+        "source": cfg.source.model_dump(mode="json"),
+        "modality": cfg.source.modality,
+        "anatomy": cfg.source.anatomy,
+        "licence": cfg.source.licence,
+        "preprocess": cfg.preprocess.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "pseudonym": {
+            "method": "hmac-sha256",
+            "key": key_source(),
+            "key_id": key_id(),
+            "paths": "class folder kept, every other component hmac-sha256 (12 hex)",
+        },
+        "notes": notes,
+    }
+
+
 def _check_preprocess(spec: PreprocessSpec) -> None:
     lo, hi = spec.clip_percentiles
     if not 0.0 <= lo < hi <= 100.0:
@@ -382,6 +428,10 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     if cfg.source.kind != "mni152":
         warn_if_default_key(cfg.source.kind)
     src = localize_source(cfg.source, paths)  # an s3 source: downloaded, then read as a folder
+    if spec.dims == 3:
+        from tasks.ingest_volumes import ingest_volumes  # imports this module's helpers
+
+        return ingest_volumes(cfg, paths, src)
     extra: dict[str, Any] = {}
     if isinstance(src, Mni152Source):
         outcome, digests = _mni152_outcome(src, spec)
@@ -395,21 +445,8 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         with _one_line_warnings():
             inputs, mask_rejects = pair_masks(inputs, _limits(spec))
         rejects.extend(mask_rejects)
-        unique: list[Input] = []
-        first: dict[str, Input] = {}
-        for item in inputs:
-            if item.key in first:
-                where = f"at CSV lines {first[item.key].line} and {item.line}" if item.line else "twice"
-                rejects.append(
-                    {
-                        "file": item.file,
-                        "reason": f"duplicate id: the same image is listed {where}; the first is kept, "
-                        "remove the other row",
-                    }
-                )
-                continue
-            first[item.key] = item
-            unique.append(item)
+        unique, duplicates = drop_duplicates(inputs)
+        rejects.extend(duplicates)
         n_inputs = len(inputs)
         outcomes = _run_inputs(unique, spec, cfg.threads)
     drafts: list[_Draft] = []
@@ -452,20 +489,7 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     drafts.sort(key=lambda d: d.id)
     subjects = len({d.base_subject for d in drafts})
     provenance = {
-        "stage": "ingest",
-        "source": cfg.source.model_dump(mode="json"),
-        "modality": cfg.source.modality,
-        "anatomy": cfg.source.anatomy,
-        "licence": cfg.source.licence,
-        "preprocess": spec.model_dump(mode="json"),
-        "seed": cfg.seed,
-        "pseudonym": {
-            "method": "hmac-sha256",
-            "key": key_source(),
-            "key_id": key_id(),
-            "paths": "class folder kept, every other component hmac-sha256 (12 hex)",
-        },
-        "notes": notes,
+        **base_provenance(cfg, notes),
         "foreground_threshold": FOREGROUND_THRESHOLD,
         "counts": {
             "inputs": n_inputs,

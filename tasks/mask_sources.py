@@ -8,7 +8,12 @@ holding 2D label maps::
     my_masks/inferior/case01.png      # PNG: 8/16-bit grey or palette, pixel = class index
     my_masks/middle/a.nii.gz          # NIfTI: 2D (or 3D with one slice), integral values
 
-Each file is read as at ingest (``tasks/readers.read_mask``: a {0, 255} mask becomes
+A volume generator (``preprocess.dims: 3``) takes label volumes instead: ``train`` gives the
+train split's masks ``(D, H, W)`` as stored; a folder holds ``.nii``/``.nii.gz`` label
+volumes of exactly the generator's ``volume_size`` (no resampling: cut them as ingest cuts
+the train cubes), anything else is rejected with its shape.
+
+Each 2D file is read as at ingest (``tasks/readers.read_mask``: a {0, 255} mask becomes
 {0, 1}; a 2D NIfTI is rotated as ingest rotates 2D NIfTI images), must hold class indices
 in ``[0, K)`` for the generator's K mask classes, and is padded to a centred square and
 resized to ``preprocess.size`` by nearest neighbour (``tasks/ingest.pad_resize_mask``).
@@ -44,8 +49,8 @@ MASK_SUFFIXES = (".png", ".nii", ".nii.gz")
 
 @dataclass(frozen=True)
 class MaskSet:
-    """Usable masks: uint8 ``(M, size, size)`` class indices in [0, K), the class label of
-    each, and the rejected files (``{"file", "reason"}``)."""
+    """Usable masks: uint8 ``(M, size, size)`` (volumes: ``(M, D, H, W)``) class indices in
+    [0, K), the class label of each, and the rejected files (``{"file", "reason"}``)."""
 
     masks: np.ndarray
     labels: tuple[str, ...]
@@ -77,6 +82,23 @@ def check_label_map(mask: np.ndarray, size: int, mask_classes: int) -> np.ndarra
             f"label map of shape {tuple(mask.shape)}; expected a 2D single-channel map (H, W): "
             "save one slice per file, class indices as grey values"
         )
+    _check_values(mask, mask_classes)
+    return pad_resize_mask(mask.astype(np.uint8), size)
+
+
+def check_label_volume(mask: np.ndarray, shape: tuple[int, ...], mask_classes: int) -> np.ndarray:
+    """A label volume -> uint8 ``shape`` (D, H, W); ``ReadError`` (one line) for another
+    shape or a value outside [0, mask_classes)."""
+    if tuple(mask.shape) != tuple(shape):
+        raise ReadError(
+            f"label volume of shape {tuple(mask.shape)}; expected {tuple(shape)} (the generator's volume size): "
+            "cut it to that size as ingest cuts the train cubes"
+        )
+    _check_values(mask, mask_classes)
+    return mask.astype(np.uint8)
+
+
+def _check_values(mask: np.ndarray, mask_classes: int) -> None:
     values = np.unique(mask)
     bad = values[(values < 0) | (values >= mask_classes)]
     if bad.size:
@@ -85,14 +107,23 @@ def check_label_map(mask: np.ndarray, size: int, mask_classes: int) -> np.ndarra
             f"label value(s) {shown} outside 0..{mask_classes - 1} (the generator's {mask_classes} mask classes); "
             "relabel the map"
         )
-    return pad_resize_mask(mask.astype(np.uint8), size)
 
 
-def read_label_map(path: Path, size: int, mask_classes: int) -> np.ndarray:
-    """One mask file -> uint8 ``(size, size)`` (see the module docstring); ``ReadError`` otherwise."""
-    if not path.name.lower().endswith(MASK_SUFFIXES):
-        raise ReadError("unsupported file type; expected a .png or .nii/.nii.gz label map: convert or remove it")
-    return check_label_map(read_mask(path), size, mask_classes)
+def _check_any(mask: np.ndarray, size: int | tuple[int, ...], mask_classes: int) -> np.ndarray:
+    """:func:`check_label_volume` when ``size`` is a (D, H, W) shape, else :func:`check_label_map`."""
+    if isinstance(size, tuple):
+        return check_label_volume(mask, size, mask_classes)
+    return check_label_map(mask, size, mask_classes)
+
+
+def read_label_map(path: Path, size: int | tuple[int, ...], mask_classes: int) -> np.ndarray:
+    """One mask file -> uint8 ``(size, size)``, or ``size`` when it is a volume's (D, H, W)
+    (see the module docstring); ``ReadError`` otherwise."""
+    suffixes = MASK_SUFFIXES if not isinstance(size, tuple) else (".nii", ".nii.gz")
+    if not path.name.lower().endswith(suffixes):
+        kind = "a .png or .nii/.nii.gz label map" if not isinstance(size, tuple) else "a .nii/.nii.gz label volume"
+        raise ReadError(f"unsupported file type; expected {kind}: convert or remove it")
+    return _check_any(read_mask(path), size, mask_classes)
 
 
 def _reject(file: str, reason: str) -> dict[str, str]:
@@ -100,7 +131,7 @@ def _reject(file: str, reason: str) -> dict[str, str]:
 
 
 def _folder_masks(
-    root: Path, configured: str, size: int, mask_classes: int, classes: Sequence[str]
+    root: Path, configured: str, size: int | tuple[int, ...], mask_classes: int, classes: Sequence[str]
 ) -> tuple[list[np.ndarray], list[str], list[dict[str, str]]]:
     if not root.is_dir():
         raise DataError(
@@ -151,7 +182,7 @@ def _folder_masks(
 
 
 def _train_masks(
-    paths: PipelinePaths, size: int, mask_classes: int
+    paths: PipelinePaths, size: int | tuple[int, ...], mask_classes: int
 ) -> tuple[list[np.ndarray], list[str], list[dict[str, str]]]:
     table = read_table(paths.real, columns=["id", "label", "mask"], splits=[TRAIN])
     masks: list[np.ndarray] = []
@@ -162,7 +193,7 @@ def _train_masks(
             rejects.append(_reject(row_id, "train row without a mask or label; ingest masks for every image"))
             continue
         try:
-            masks.append(check_label_map(decode_image(blob)[0].astype(np.int64), size, mask_classes))
+            masks.append(_check_any(decode_image(blob)[0].astype(np.int64), size, mask_classes))
             labels.append(label)
         except ReadError as exc:
             rejects.append(_reject(row_id, str(exc)))
@@ -170,10 +201,11 @@ def _train_masks(
 
 
 def load_mask_set(
-    masks_from: str, paths: PipelinePaths, size: int, mask_classes: int, classes: Sequence[str]
+    masks_from: str, paths: PipelinePaths, size: int | tuple[int, ...], mask_classes: int, classes: Sequence[str]
 ) -> MaskSet:
     """The usable masks of ``masks_from`` (``train`` or a folder) with their labels; every
-    reject is logged (one line each). Raises ``DataError`` when none is usable."""
+    reject is logged (one line each). ``size``: the side of 2D masks, or a volume
+    generator's (D, H, W). Raises ``DataError`` when none is usable."""
     if masks_from == TRAIN:
         masks, labels, rejects = _train_masks(paths, size, mask_classes)
     else:

@@ -156,3 +156,28 @@ def duplicate_filter(
         "n_dropped": int(candidates.size - first.sum()),
     }
     return FilterResult(keep, column, info)
+
+
+#: volumes are average-pooled to at most this many voxels per side before their distance
+VOLUME_MAX_SIDE = 16
+
+
+def volume_vectors(volumes: np.ndarray, max_side: int = VOLUME_MAX_SIDE) -> np.ndarray:
+    """float64 ``(N, V)`` rows for the nearest-neighbour filters on volumes: each volume of
+    float32 ``(N, C, D, H, W)`` in [0, 1] is average-pooled so that no side exceeds
+    ``max_side`` (torch ``adaptive_avg_pool3d``), centred and scaled to unit norm, so the
+    Euclidean distance of two rows is ``sqrt(2 (1 - r))`` with ``r`` the Pearson correlation
+    of the pooled volumes: 0 for a copy (also one with changed brightness or contrast), about
+    1.41 for unrelated noise. A constant volume becomes zeros (distance 1 to every other)."""
+    import torch
+    import torch.nn.functional as F
+
+    if volumes.ndim != 5:
+        raise DataError(f"expected volumes of shape (N, C, D, H, W), got {volumes.shape}")
+    target = tuple(min(int(side), max_side) for side in volumes.shape[2:])
+    with torch.no_grad():
+        pooled = F.adaptive_avg_pool3d(torch.from_numpy(np.ascontiguousarray(volumes, dtype=np.float32)), target)
+    flat = pooled.reshape(volumes.shape[0], -1).double().numpy()
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    return np.where(norms > 1e-12, flat / np.maximum(norms, 1e-12), 0.0)

@@ -284,7 +284,7 @@ def _filters(quality: dict[str, Any]) -> list[str]:
         if not isinstance(info, dict) or not info:
             continue
         reference = info.get("reference") or {}
-        unit = "RMSE of [0, 1] pixels" if info.get("space") == "pixel" else "feature distance"
+        unit = info.get("distance") or ("RMSE of [0, 1] pixels" if info.get("space") == "pixel" else "feature distance")
         source = (
             f"calibrated: {info.get('calibration_scale')} x the {info.get('calibration_quantile')} quantile "
             f"({_num(reference.get('value'))}) of the distance from each of {reference.get('n')} real train images "

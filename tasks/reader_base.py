@@ -191,3 +191,35 @@ def quiet_library_logs() -> None:
             log = logging.getLogger(name)
             if _FILTER not in log.filters:
                 log.addFilter(_FILTER)
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a volume file's header says, read before any voxel is decoded (dims 3).
+
+    ``shape``: ``(I, J, K)`` in the layout the decoded array will have (NIfTI: closest
+    canonical RAS+); ``spacing``: mm per axis in that layout, None when the file does not
+    say; ``planar``: the file holds a 2D image (2D NIfTI, an axis of length 1)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None
+    planar: bool = False
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A decoded volume (dims 3). ``array``: ``(I, J, K)`` float32 raw samples, all finite;
+    ``affine``: 4 x 4 float64 voxel index -> world mm (RAS+ for NIfTI and DICOM series; a
+    diagonal of the spacing for multi-frame DICOM); ``eight_bit``, ``subject``: as in
+    :class:`Decoded`."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    eight_bit: bool = False
+    subject: str | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """mm per voxel along each array axis (column norms of the affine)."""
+        norms = np.linalg.norm(np.asarray(self.affine, dtype=np.float64)[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))

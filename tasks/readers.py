@@ -60,6 +60,8 @@ from tasks.reader_base import (
     Decoded,
     Limits,
     ReadError,
+    Volume,
+    VolumeHeader,
     check_finite,
     describe,
     one_line,
@@ -88,7 +90,10 @@ __all__ = [
     "read_image",
     "read_mask",
     "read_nifti",
+    "read_nifti_volume",
     "read_pil",
+    "read_volume_mask",
+    "nifti_volume_header",
 ]
 
 logger = logging.getLogger(__name__)
@@ -310,3 +315,101 @@ def cut_volume(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     len of the lower one). Works for float volumes and uint8 masks alike."""
     cut = volume[(slice(None),) * axis + (index,)]
     return np.ascontiguousarray(np.rot90(cut))
+
+
+# --------------------------------------------------------------------------- volumes (dims 3)
+_NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error)
+
+
+def _nifti_failure(exc: BaseException, path: Path) -> ReadError:
+    return ReadError(
+        f"unreadable or truncated NIfTI ({describe(exc, path)}); expected a complete .nii/.nii.gz: "
+        "re-export the file or remove it"
+    )
+
+
+def nifti_volume_header(path: Path, as_mask: bool = False) -> VolumeHeader:
+    """Shape and spacing of a NIfTI file in closest canonical (RAS+) axis order, from the
+    header alone (nothing decoded); ``planar`` for 2D files and 3D ones with an axis of 1.
+    ReadError for unreadable files, CIFTI-2, 4D with several volumes, and label maps read
+    as images."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    quiet_library_logs()
+    try:
+        img = nib.load(str(path))
+        _check_nifti_kind(img, as_mask)
+        shape = tuple(int(n) for n in img.shape)
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+        ornt = nib.orientations.io_orientation(img.affine) if len(shape) >= 3 else None
+    except (ImageFileError, *_NIFTI_ERRORS) as exc:
+        raise _nifti_failure(exc, path) from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 2:
+        return VolumeHeader((shape[0], shape[1], 1), None, planar=True)
+    if len(shape) != 3:
+        raise ReadError(
+            f"NIfTI of shape {shape}; expected a 3D volume (or 4D with one volume): split 4D series into volumes first"
+        )
+    canonical = [0, 0, 0]
+    spacing = [1.0, 1.0, 1.0]
+    for i in range(3):
+        axis = int(ornt[i, 0])
+        canonical[axis] = shape[i]
+        spacing[axis] = zooms[i] if i < len(zooms) and zooms[i] > 0 else 1.0
+    return VolumeHeader(
+        (canonical[0], canonical[1], canonical[2]), (spacing[0], spacing[1], spacing[2]), planar=min(shape) == 1
+    )
+
+
+def read_nifti_volume(path: Path, limits: Limits = DEFAULT_LIMITS, as_mask: bool = False) -> Volume:
+    """A 3D NIfTI (or 4D with one volume) reoriented to the closest canonical RAS+:
+    :class:`Volume` with the ``(I, J, K)`` float32 array (scl_slope/inter applied) and its
+    canonical affine. The header shape is checked against ``limits`` first; NaN/inf
+    anywhere rejects the file."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    quiet_library_logs()
+    try:
+        img = nib.load(str(path))
+        _check_nifti_kind(img, as_mask)
+        shape = tuple(int(n) for n in img.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            img = img.slicer[..., 0]
+        if len(img.shape) != 3:
+            raise ReadError(f"NIfTI of shape {shape}; expected a 3D volume: split 4D series or remove the file")
+        limits.check_volume(tuple(int(n) for n in img.shape))
+        img = nib.as_closest_canonical(img)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except ReadError:
+        raise
+    except (ImageFileError, *_NIFTI_ERRORS) as exc:
+        raise _nifti_failure(exc, path) from None
+    check_finite(data)
+    return Volume(np.ascontiguousarray(data), affine, False)
+
+
+def read_volume_mask(path: Path, limits: Limits = DEFAULT_LIMITS) -> Volume:
+    """A NIfTI label map as a :class:`Volume` whose array is ``(I, J, K)`` uint8 class
+    indices (closest canonical RAS+, like :func:`read_nifti_volume`). Non-integral values
+    or values outside 0..255 reject it; exactly {0, 255} is read as {0, 1}."""
+    if file_format(path) != "nifti":
+        raise ReadError(
+            "mask is not a NIfTI volume; expected a 3D label map (.nii/.nii.gz) in a dims 3 pipeline: "
+            "export the mask as NIfTI"
+        )
+    volume = read_nifti_volume(path, limits, as_mask=True)
+    data = volume.array
+    rounded = np.rint(data)
+    if np.max(np.abs(data - rounded), initial=0.0) > 1e-3:
+        raise ReadError("mask has non-integer values; expected class indices (0 = background)")
+    if rounded.size and (rounded.min() < 0 or rounded.max() > 255):
+        raise ReadError(f"mask values {int(rounded.min())}..{int(rounded.max())}; expected class indices 0..255")
+    values = np.unique(rounded)
+    if values.size == 2 and values[0] == 0 and values[1] == 255:
+        rounded = rounded == 255
+    return Volume(np.ascontiguousarray(rounded.astype(np.uint8)), volume.affine, True)

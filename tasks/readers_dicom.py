@@ -31,13 +31,24 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tasks.pseudonym import Redactor, pseudonymise
-from tasks.reader_base import DEFAULT_LIMITS, Decoded, Limits, ReadError, check_finite, describe, quiet_library_logs
+from tasks.reader_base import (
+    DEFAULT_LIMITS,
+    Decoded,
+    Limits,
+    ReadError,
+    Volume,
+    VolumeHeader,
+    check_finite,
+    describe,
+    quiet_library_logs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -430,3 +441,187 @@ def read_dicom_seg(path: Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.
             )
         mask[on] = segment
     return masks
+
+
+# --------------------------------------------------------------------------- volumes (dims 3)
+GEOMETRY_TAGS = (
+    "SOPClassUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SharedFunctionalGroupsSequence",
+)
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(np.isfinite(out)) else None
+
+
+def _first(item: Any, sequence: str, tag: str) -> Any:
+    seq = getattr(item, sequence, None)
+    return getattr(seq[0], tag, None) if seq else None
+
+
+@dataclass(frozen=True)
+class DicomGeometry:
+    """Header facts of one DICOM file that place it in a volume (dims 3): ``series``
+    (SeriesInstanceUID; never written out), ``rows``/``cols``/``frames``, ``samples``,
+    ``pixel_spacing`` (row spacing, column spacing) mm, ``slice_spacing`` mm
+    (SpacingBetweenSlices, else SliceThickness), ``position`` (ImagePositionPatient, LPS
+    mm) and ``orientation`` (ImageOrientationPatient, 6 direction cosines); None where absent."""
+
+    series: str
+    rows: int
+    cols: int
+    frames: int
+    samples: int
+    pixel_spacing: tuple[float, ...] | None
+    slice_spacing: float | None
+    position: tuple[float, ...] | None
+    orientation: tuple[float, ...] | None
+
+    def header(self) -> VolumeHeader:
+        """The :class:`VolumeHeader` of a multi-frame file, in :func:`read_dicom`'s volume
+        layout ``(Columns, Rows, Frames)``; spacing None unless PixelSpacing is given."""
+        spacing = None
+        if self.pixel_spacing is not None:
+            spacing = (self.pixel_spacing[1], self.pixel_spacing[0], self.slice_spacing or 1.0)
+        return VolumeHeader((self.cols, self.rows, self.frames), spacing, planar=self.frames <= 1)
+
+
+def dicom_geometry(path: Path) -> DicomGeometry:
+    """:class:`DicomGeometry` from the header only (no pixel data read); ReadError for
+    files that are not readable DICOM. Multi-frame files: PixelSpacing and slice spacing
+    from the SharedFunctionalGroupsSequence (PixelMeasuresSequence) when not top-level."""
+    ds = _read(path, GEOMETRY_TAGS, header_only=True)
+    try:
+        shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+        measures = shared[0] if shared else None
+        pixel = _floats(getattr(ds, "PixelSpacing", None), 2)
+        thickness = getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None)
+        if measures is not None:
+            pixel = pixel or _floats(_first(measures, "PixelMeasuresSequence", "PixelSpacing"), 2)
+            thickness = (
+                thickness
+                or _first(measures, "PixelMeasuresSequence", "SpacingBetweenSlices")
+                or _first(measures, "PixelMeasuresSequence", "SliceThickness")
+            )
+        slice_spacing = _floats([thickness], 1) if thickness is not None else None
+        geometry = DicomGeometry(
+            series=str(getattr(ds, "SeriesInstanceUID", "") or ""),
+            rows=int(getattr(ds, "Rows", 0) or 0),
+            cols=int(getattr(ds, "Columns", 0) or 0),
+            frames=int(getattr(ds, "NumberOfFrames", 1) or 1),
+            samples=int(getattr(ds, "SamplesPerPixel", 1) or 1),
+            pixel_spacing=pixel if pixel and min(pixel) > 0 else None,
+            slice_spacing=slice_spacing[0] if slice_spacing and slice_spacing[0] > 0 else None,
+            position=_floats(getattr(ds, "ImagePositionPatient", None), 3),
+            orientation=_floats(getattr(ds, "ImageOrientationPatient", None), 6),
+        )
+    except _DICOM_ERRORS as exc:
+        raise ReadError(
+            f"unreadable DICOM header ({describe(exc, path)}); expected a complete DICOM image: re-export it"
+        ) from None
+    return geometry
+
+
+def series_header(geometries: list[DicomGeometry]) -> tuple[VolumeHeader, list[int]]:
+    """The volume a series of single-frame files makes: its :class:`VolumeHeader` in
+    closest canonical RAS+ order and the files' order along the slice normal. ReadError
+    when the files differ in size or orientation, lack ImagePositionPatient /
+    ImageOrientationPatient / PixelSpacing, or share a position."""
+    import nibabel as nib
+
+    affine, order = _series_affine(geometries)
+    ornt = nib.orientations.io_orientation(affine)
+    shape = (geometries[0].cols, geometries[0].rows, len(geometries))
+    canonical, spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    for i in range(3):
+        canonical[int(ornt[i, 0])] = shape[i]
+        spacing[int(ornt[i, 0])] = float(norms[i])
+    return VolumeHeader((canonical[0], canonical[1], canonical[2]), (spacing[0], spacing[1], spacing[2])), order
+
+
+def _series_affine(geometries: list[DicomGeometry]) -> tuple[np.ndarray, list[int]]:
+    """(RAS affine of voxel (column, row, slice in ``order``), ``order``); ReadError as in
+    :func:`series_header`."""
+    first = geometries[0]
+    if any((g.rows, g.cols, g.samples) != (first.rows, first.cols, first.samples) for g in geometries):
+        raise ReadError("DICOM series whose files differ in Rows/Columns/SamplesPerPixel; expected one volume grid")
+    if first.samples != 1:
+        raise ReadError("DICOM series of colour images; expected grey (SamplesPerPixel 1) slices of one volume")
+    if any(g.position is None or g.orientation is None or g.pixel_spacing is None for g in geometries):
+        raise ReadError(
+            "DICOM series without ImagePositionPatient/ImageOrientationPatient/PixelSpacing on every file; "
+            "expected CT/MR slices that place themselves in space: convert the series to NIfTI (dcm2niix)"
+        )
+    cosines = np.asarray(first.orientation, dtype=np.float64)
+    if any(np.max(np.abs(np.asarray(g.orientation) - cosines)) > 1e-4 for g in geometries):
+        raise ReadError("DICOM series whose slices differ in ImageOrientationPatient; expected one stack of slices")
+    along_row, along_col = cosines[:3], cosines[3:]
+    normal = np.cross(along_row, along_col)
+    heights = np.asarray([float(np.dot(normal, g.position)) for g in geometries])
+    order = [int(i) for i in np.argsort(heights, kind="stable")]
+    gaps = np.diff(heights[order])
+    if gaps.size == 0 or float(gaps.min()) <= 1e-4:
+        raise ReadError(
+            "DICOM series with two slices at the same position (or one slice); expected one slice per "
+            "position: remove duplicates or convert the series to NIfTI"
+        )
+    step = float(np.median(gaps))
+    row_spacing, col_spacing = first.pixel_spacing
+    affine = np.eye(4)
+    affine[:3, 0] = along_row * col_spacing  # voxel i = column index
+    affine[:3, 1] = along_col * row_spacing  # voxel j = row index
+    affine[:3, 2] = normal * step  # voxel k = slice, in order along the normal
+    affine[:3, 3] = geometries[order[0]].position
+    return LPS_TO_RAS @ affine, order
+
+
+def read_dicom_series(paths: list[Path], geometries: list[DicomGeometry], limits: Limits = DEFAULT_LIMITS) -> Volume:
+    """Single-frame grey DICOM files of one series -> one :class:`Volume` in closest
+    canonical RAS+ order (the slices sorted along their normal; affine from
+    ImagePositionPatient/ImageOrientationPatient/PixelSpacing, LPS turned to RAS).
+    Each file is read with :func:`read_dicom` (same checks, rescale, MONOCHROME1)."""
+    import nibabel as nib
+
+    affine, order = _series_affine(geometries)
+    limits.check_volume((geometries[0].cols, geometries[0].rows, len(paths)))
+    slices, eight_bit, subject = [], True, None
+    for index in order:
+        decoded = read_dicom(paths[index], limits)
+        if decoded.kind != "image" or decoded.array.shape[0] != 1:
+            raise ReadError("DICOM series with a colour or multi-frame file; expected grey single-frame slices")
+        slices.append(decoded.array[0])
+        eight_bit = eight_bit and decoded.eight_bit
+        subject = subject or decoded.subject
+    stack = np.stack(slices).transpose(2, 1, 0)  # (frames, rows, cols) -> (cols, rows, frames) = (i, j, k)
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.ascontiguousarray(stack, dtype=np.float32), affine))
+    data = np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32))
+    check_finite(data)
+    return Volume(data, np.asarray(img.affine, dtype=np.float64), eight_bit, subject)
+
+
+def read_dicom_volume(path: Path, geometry: DicomGeometry, limits: Limits = DEFAULT_LIMITS) -> Volume:
+    """A multi-frame grey DICOM as a :class:`Volume` in :func:`read_dicom`'s layout
+    ``(Columns, Rows, Frames)``; the affine is the diagonal of (column spacing, row
+    spacing, slice spacing) when the header gives PixelSpacing, else the identity."""
+    decoded = read_dicom(path, limits)
+    if decoded.kind != "volume":
+        what = "colour cine" if decoded.kind == "frames" else "single image"
+        raise ReadError(f"DICOM {what}; expected a grey multi-frame volume in a dims 3 pipeline")
+    spacing = geometry.header().spacing or (1.0, 1.0, 1.0)
+    return Volume(decoded.array, np.diag([*spacing, 1.0]), decoded.eight_bit, decoded.subject)

@@ -93,7 +93,9 @@ class TwoSampleSettings:
 def build_discriminator(in_shape: Sequence[int]) -> nn.Module:
     """MONAI ``Classifier``: float32 ``(B, C, H, W)`` in [0, 1] -> one logit float32 ``(B, 1)``
     (high = synthetic). Four stride-2 conv blocks with batch norm (not instance norm, which
-    would hide differences in overall brightness and contrast)."""
+    would hide differences in overall brightness and contrast). The spatial dimensions follow
+    ``in_shape``: ``(C, D, H, W)`` builds the 3D network for volumes ``(B, C, D, H, W)``
+    (:mod:`tasks.quality_volumes`)."""
     from monai.networks.nets import Classifier
 
     return Classifier(
@@ -162,7 +164,7 @@ def auc_with_interval(
     return {"auc": point, "ci95_low": float(low), "ci95_high": float(high)}
 
 
-def _balanced_rows(
+def balanced_rows(
     real_labels: np.ndarray, synthetic_labels: np.ndarray, max_per_class: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row indices ``(real, synthetic)``: per class, the same number from each side (sorted)."""
@@ -273,7 +275,8 @@ def two_sample_test(
 ) -> dict[str, Any]:
     """The ``realism.two_sample`` block of quality.json.
 
-    real_images / synthetic_images: float32 ``(N, C, H, W)`` in [0, 1] of one shape;
+    real_images / synthetic_images: float32 ``(N, C, H, W)`` in [0, 1] of one shape (or
+    volumes ``(N, C, D, H, W)``: the discriminator is then 3D);
     labels: class names (``""`` unlabelled); real_subjects: pseudonymised subject (or slab)
     of each real row, for grouping (None = ungrouped); synthetic_subjects: the synthetic
     rows' ``subject`` column (group ids; ``SYNTHETIC_SUBJECT`` or None = independent row;
@@ -291,7 +294,7 @@ def two_sample_test(
     rng = np.random.default_rng(seed)
     real_labels = np.asarray([str(x) for x in real_labels], dtype=object)
     synthetic_labels = np.asarray([str(x) for x in synthetic_labels], dtype=object)
-    real_rows, synthetic_rows = _balanced_rows(real_labels, synthetic_labels, settings.max_per_class, rng)
+    real_rows, synthetic_rows = balanced_rows(real_labels, synthetic_labels, settings.max_per_class, rng)
     classes = sorted(set(real_labels.tolist()) | set(synthetic_labels.tolist()))
     n = len(real_rows)
     folds = min(settings.folds, n)

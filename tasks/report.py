@@ -12,7 +12,10 @@ writes to ``paths.reports``:
   quality stage's section (:func:`tasks.quality_report.quality_markdown`); the generator
   card's summary; the two image grids;
 - ``grid_real.png`` and ``grid_synthetic.png``: one row per class, ``report.grid_per_class``
-  images per row, picked evenly over the rows sorted by id;
+  images per row, picked evenly over the rows sorted by id; for volume pipelines
+  (``preprocess.dims: 3``) middle slices in three planes instead, and a 3D section (2.5D
+  metrics per plane, 2.5D two-sample test, per-class segmentation) in place of the 2D image
+  section (:mod:`tasks.report_volumes`);
 - ``ratio_sweep.png`` and ``low_data.png`` (when the sweep ran): the primary metric vs the
   synthetic:real ratio, and vs the real fraction (real only and real + synthetic), mean
   with 95% t-interval bars over seeds and each seed as a dot.
@@ -800,11 +803,13 @@ def render_markdown(
     rejects: int | None = None,
     rejects_path: str = "rejects.json",
     classes: list[str] | None = None,
+    volumes: list[str] | None = None,
 ) -> str:
     """The report's Markdown (pure function of its inputs). ``retrain``: None when the quality
     gate rejected the synthetic set and no current retrain results exist. ``rejects``: how
     many inputs ingest refused (None: unknown). ``classes``: class order of the counts
-    table when ``retrain`` gives none."""
+    table when ``retrain`` gives none. ``volumes``: the 3D part
+    (:func:`tasks.report_volumes.volumes_markdown`), in place of the 2D image section."""
     _, top = headline(retrain, quality)
     lines = [f"# synthmed report: {pipeline}", "", top, ""]
     lines += _judge_summary(quality)
@@ -847,6 +852,8 @@ def render_markdown(
             ]
         if card.get("intended_use"):
             lines += [f"Intended use: {md_cell(card['intended_use'])}", ""]
+    if volumes is not None:
+        return "\n".join([*lines, *volumes])
     lines += [
         "## Images",
         "",
@@ -893,10 +900,19 @@ def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
     per_class = cfg.report.grid_per_class
     paths.reports.mkdir(parents=True, exist_ok=True)
     images = []
-    for name, dataset, splits in ((GRID_REAL, paths.real, ["train"]), (GRID_SYNTHETIC, paths.filtered, None)):
-        picture = render_grid(pick_rows(dataset, splits, classes, per_class), per_class)
-        save_png(picture, paths.reports / name)
-        images.append(str(paths.reports / name))
+    volumes = None
+    if cfg.preprocess.dims == 3:
+        from tasks import report_volumes
+
+        provenance = read_manifest(paths.real).get("provenance") or {}
+        shape = provenance.get("volume_shape") or list(cfg.preprocess.volume_shape())
+        images += report_volumes.write_grids(paths.real, paths.filtered, paths.reports, per_class, shape)
+        volumes = report_volumes.volumes_markdown(quality, retrain, provenance)
+    else:
+        for name, dataset, splits in ((GRID_REAL, paths.real, ["train"]), (GRID_SYNTHETIC, paths.filtered, None)):
+            picture = render_grid(pick_rows(dataset, splits, classes, per_class), per_class)
+            save_png(picture, paths.reports / name)
+            images.append(str(paths.reports / name))
     for name, key, render in (
         (RATIO_PLOT, "ratio_sweep", render_ratio_plot),
         (FRACTION_PLOT, "low_data", render_fraction_plot),
@@ -919,6 +935,7 @@ def report(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         rejects=rejects,
         rejects_path=_shown(paths.rejects, paths.root),
         classes=classes,
+        volumes=volumes,
     )
     report_path = paths.reports / REPORT_NAME
     write_text_atomic(markdown, report_path)

@@ -42,6 +42,14 @@ condition that coincides with another is trained once and its result reused; run
 parallel in spawned workers (:func:`tasks.retrain_runs.execute_runs`), so the results do
 not depend on ``threads``. Statistics live in :mod:`tasks.statistics`.
 
+Volumes (``preprocess.dims: 3``; real rows ``(1, D, H, W)``): the same comparison with
+3D networks trained on random crops of ``retrain.roi_size`` and test volumes (which may be
+larger than the train rows) segmented with a gaussian sliding window (``retrain.sw_overlap``);
+Dice and HD95 (voxels) are means over the foreground classes, and ``retrain.json`` gains a
+``volumes`` block (:func:`volumes_block`): shapes, roi, overlap, whether the rows are
+patches of one subject (copied from the real manifest), and per-class Dice/HD95 per setting.
+The statements then count test volumes.
+
 Writes to ``paths.metrics``: ``retrain.json`` (DVC metrics; sweep results under
 ``ratio_sweep`` and ``low_data``), ``retrain_seeds.csv`` (DVC plot: one row per seed and
 setting), ``retrain_ratios.csv`` (one row per ratio and sweep seed) and
@@ -70,12 +78,14 @@ from tasks.retrain_data import (
     check_synthetic,
     load_real,
     load_rows,
+    mask_class_names,
     pick_synthetic,
     real_subset,
     synthetic_pool,
     validation_arrays,
+    volume_provenance,
 )
-from tasks.retrain_runs import Run, RunInputs, RunMap, RunResult, execute_runs
+from tasks.retrain_runs import Run, RunInputs, RunMap, RunResult, execute_runs, volume_roi
 from tasks.runtime import setup_torch
 
 logger = logging.getLogger(__name__)
@@ -171,7 +181,8 @@ class Comparison:
     """How every condition is judged: ``other`` runs vs ``base`` runs (same seeds, in
     order) on the real test split, under :data:`tasks.statistics.VERDICT_RULE`.
     ``y_true``: the test targets (int64 ``(n_test,)`` classes or ``(n_test, H, W)`` masks);
-    ``untested``: a verdict that replaces every judgement (too little data), else None."""
+    ``untested``: a verdict that replaces every judgement (too little data), else None;
+    ``unit``: what a test row is in the power statements (``"volumes"`` for 3D data)."""
 
     task: str
     primary: str
@@ -179,6 +190,7 @@ class Comparison:
     num_classes: int
     seed: int
     untested: str | None
+    unit: str = "images"
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -192,14 +204,18 @@ class Comparison:
         n_test, n_seeds = int(self.y_true.shape[0]), len(base)
         if other is None:
             verdict = self.untested or statistics.NOT_TESTED_NO_SYNTHETIC
-            return untested_delta(self.metrics), verdict, statistics.power(None, verdict, self.primary, n_test, n_seeds)
+            return (
+                untested_delta(self.metrics),
+                verdict,
+                statistics.power(None, verdict, self.primary, n_test, n_seeds, self.unit),
+            )
         delta = compare(self.task, base, other, self.y_true, self.num_classes, self.seed)
         verdict = self.untested or statistics.decide(delta[self.primary], self.primary in statistics.LOWER_IS_BETTER)
         if verdict == statistics.NO_EFFECT and statistics.at_ceiling(
             self.primary, [r.scores[self.primary] for r in base]
         ):
             verdict = statistics.NOT_TESTED_CEILING  # "no effect, could detect 0.000" would mislead
-        return delta, verdict, statistics.power(delta[self.primary], verdict, self.primary, n_test, n_seeds)
+        return delta, verdict, statistics.power(delta[self.primary], verdict, self.primary, n_test, n_seeds, self.unit)
 
     def ratio_condition(
         self, ratio: float, results: dict[float, list[RunResult]], n_synthetic: int, n_real: int
@@ -234,6 +250,84 @@ class Comparison:
             "verdict": verdict,
             "power": power,
         }
+
+
+def per_class_block(
+    names: Sequence[str], metrics: Sequence[str], base: Sequence[RunResult], other: Sequence[RunResult] | None
+) -> dict[str, Any]:
+    """Per foreground class (``names``, mask classes 1..K-1): each setting's t-interval over
+    seeds of the class's mean Dice/HD95 over test volumes, and the paired per-seed delta
+    ``augmented - real_only`` (t-interval only; the verdict is on the class mean). A setting
+    not trained: every number None."""
+
+    def stats(results: Sequence[RunResult]) -> dict[str, Any]:
+        return {
+            name: {m: statistics.t_interval([r.per_class[m][k] for r in results]) for m in metrics}
+            for k, name in enumerate(names)
+        }
+
+    if other is None:
+        untested = {name: untested_stats(metrics) for name in names}
+        return {"real_only": stats(base), "augmented": untested, "delta": untested}
+    delta = {
+        name: {
+            m: statistics.t_interval([o.per_class[m][k] - b.per_class[m][k] for b, o in zip(base, other, strict=True)])
+            for m in metrics
+        }
+        for k, name in enumerate(names)
+    }
+    return {"real_only": stats(base), "augmented": stats(other), "delta": delta}
+
+
+def _volume_augmentation(spec: Any) -> str:
+    """What :func:`tasks.downstream.augment_volumes` does with ``retrain.augment``, in words."""
+    if spec is None or max(spec.hflip_p, spec.brightness_contrast_p) == 0:
+        return "random crops of roi_size only"
+    limit = downstream.INTENSITY_LIMIT
+    return (
+        f"random crops of roi_size; a flip along each axis with probability {spec.hflip_p:g}; intensity "
+        f"x * a + b (a in [{1 - limit:g}, {1 + limit:g}], b in [{-limit:g}, {limit:g}], image only) with "
+        f"probability {spec.brightness_contrast_p:g}; no rotation"
+    )
+
+
+def volumes_block(
+    paths: PipelinePaths,
+    inputs: RunInputs,
+    roi: Sequence[int],
+    metrics: Sequence[str],
+    base: Sequence[RunResult],
+    other: Sequence[RunResult] | None,
+) -> dict[str, Any]:
+    """What a reader of a 3D comparison needs beside the scores: ``dims``; ``train_shape``,
+    ``eval_shape`` (test) and ``val_shape`` (D, H, W; val None without selection);
+    ``roi_size`` (training crops and sliding window), ``sw_overlap``, ``sw_mode``;
+    ``spacing_mm`` and ``patches_of_one_subject`` (copied from the real manifest provenance,
+    None when ingest did not record them: True means the rows are cubes of one volume, not
+    independent subjects); ``hd95_unit``; ``augmentation`` (what the 3D augmentation does);
+    segmentation: ``classes`` (foreground mask class names) and ``per_class``
+    (:func:`per_class_block` of the main comparison), else None."""
+    provenance = volume_provenance(paths)
+    segmentation = inputs.cfg.retrain.task == "segmentation"
+    names = mask_class_names(provenance, inputs.num_classes) if segmentation else None
+    spacing = provenance.get("spacing_mm")
+    return {
+        "dims": 3,
+        "train_shape": [int(v) for v in inputs.train_images.shape[2:]],
+        "eval_shape": [int(v) for v in inputs.test_images.shape[2:]],
+        "val_shape": None if inputs.val_images is None else [int(v) for v in inputs.val_images.shape[2:]],
+        "roi_size": [int(v) for v in roi],
+        "sw_overlap": float(inputs.cfg.retrain.sw_overlap),
+        "sw_mode": "gaussian",
+        "spacing_mm": None if spacing is None else [float(v) for v in spacing],
+        "patches_of_one_subject": (
+            None if provenance.get("patches_of_one_subject") is None else bool(provenance["patches_of_one_subject"])
+        ),
+        "hd95_unit": "voxels",
+        "augmentation": _volume_augmentation(inputs.cfg.retrain.augment),
+        "classes": names,
+        "per_class": per_class_block(names, metrics, base, other) if segmentation else None,
+    }
 
 
 def _run_inputs(cfg: PipelineConfig, paths: PipelinePaths, classes: list[str], train, test, pool) -> RunInputs:
@@ -322,6 +416,7 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths, run_many: RunMap | None =
         return tuple(sorted(position[i] for i in ids))
 
     inputs = _run_inputs(cfg, paths, classes, train, test, pool)
+    roi = volume_roi(inputs)  # volumes: checked here, before any training
 
     # a condition without synthetic rows is not trained twice: its augmented runs would
     # be its real-only runs, and comparing those with themselves tests nothing
@@ -367,7 +462,15 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths, run_many: RunMap | None =
     )
     results = execute_runs(inputs, requested, workers, run_many, shared_dir=paths.state / "shared")
 
-    comparison = Comparison(task, primary, inputs.test_targets, inputs.num_classes, cfg.seed, untested)
+    comparison = Comparison(
+        task,
+        primary,
+        inputs.test_targets,
+        inputs.num_classes,
+        cfg.seed,
+        untested,
+        "images" if roi is None else "volumes",
+    )
     real_main = [results[main["real_only", s]] for s in spec.seeds]
     aug_main = [results[main["augmented", s]] for s in spec.seeds] if main_ids else None
     delta, verdict, main_power = comparison.judge(real_main, aug_main)
@@ -462,6 +565,7 @@ def retrain(cfg: PipelineConfig, paths: PipelinePaths, run_many: RunMap | None =
             },
             "runs_requested": len(requested),
             "runs_trained": len(set(requested)),
+            **({} if roi is None else {"volumes": volumes_block(paths, inputs, roi, metrics, real_main, aug_main)}),
         }
     )
     _write(paths, summary, metrics, csv_rows, ratio_csv, fraction_csv)

@@ -6,9 +6,12 @@ filtered synthetic pool, and deterministic stratified sampling from both.
 - :func:`synthetic_pool` / :func:`pick_synthetic` / :func:`load_rows`: the filtered synthetic
   rows by class, a stratified seeded choice of them, and decoding only the chosen ones;
 - :func:`real_subset`: a nested, subject-spread stratified fraction of the real train rows;
-- :func:`allocate`: largest-remainder split of a count over classes.
+- :func:`allocate`: largest-remainder split of a count over classes;
+- :func:`mask_class_names`: names of the foreground mask classes (per-class volume metrics).
 
-Images are float32 ``(N, C, H, W)`` in [0, 1]; labels are class names (``""``: unlabelled).
+Images are float32 ``(N, C, H, W)`` in [0, 1], volumes ``(N, 1, D, H, W)`` (val/test
+volumes may be larger than the train ones: ``preprocess.eval_shape()``); labels are class
+names (``""``: unlabelled).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from generators.errors import DataError
-from generators.shards import BASE_COLUMNS, decode_table, iter_tables, read_table
+from generators.shards import BASE_COLUMNS, decode_table, iter_tables, read_manifest, read_table
 from tasks import downstream
 from tasks.paths import PipelinePaths
 
@@ -167,7 +170,13 @@ def load_real(paths: PipelinePaths, task: str):
     if len(train) < 2:
         raise DataError(f"{paths.real}: expected >= 2 real train images, got {len(train)}; ingest more data")
     shape = tuple(train.images.shape[1:])
-    if tuple(test.images.shape[1:]) != shape:
+    if train.images.ndim == 5:  # volumes: test rows may be larger (sliding-window inference)
+        if test.images.ndim != 5 or test.images.shape[1] != train.images.shape[1]:
+            raise DataError(
+                f"{paths.real}: expected test volumes (N, {shape[0]}, D, H, W) like the train split, "
+                f"got {tuple(test.images.shape)}; rerun ingest with preprocess.dims: 3"
+            )
+    elif tuple(test.images.shape[1:]) != shape:
         raise DataError(f"{paths.real}: expected test images of shape {shape}, got {tuple(test.images.shape[1:])}")
     if task == "classification":
         if len(classes) < 2 or (train.targets < 0).any():
@@ -195,9 +204,14 @@ def check_synthetic(paths: PipelinePaths, task: str, synthetic: downstream.Label
     """The synthetic rows a run may use must look like the real train rows."""
     shape = tuple(train.images.shape[1:])
     if len(synthetic) and tuple(synthetic.images.shape[1:]) != shape:
+        fix = (
+            "synthesize volumes of preprocess.volume_shape() (the model card's volume_size)"
+            if len(shape) == 4
+            else "synthesize at preprocess.size with preprocess.channels"
+        )
         raise DataError(
             f"{paths.filtered}: expected synthetic images of shape {shape} like the real train split, "
-            f"got {tuple(synthetic.images.shape[1:])}; synthesize at preprocess.size with preprocess.channels"
+            f"got {tuple(synthetic.images.shape[1:])}; {fix}"
         )
     if task == "classification":
         unknown = sorted({label for label, t in zip(synthetic.labels, synthetic.targets, strict=True) if t < 0})
@@ -211,3 +225,27 @@ def check_synthetic(paths: PipelinePaths, task: str, synthetic: downstream.Label
             f"{paths.filtered}: expected a mask on every synthetic row for segmentation, found rows without; "
             "set generator.train.with_masks: true, or use retrain.task: classification"
         )
+
+
+def mask_class_names(provenance: dict[str, Any], num_classes: int) -> list[str]:
+    """Names of the foreground mask classes 1..K-1: from the real manifest provenance's
+    ``mask_classes`` (a list of K names with the background first, a list of the K-1
+    foreground names, or ``{index: name}``) when it has them, else ``class 1``, ``class 2``..."""
+    given = provenance.get("mask_classes")
+    names = [f"class {k}" for k in range(1, num_classes)]
+    if isinstance(given, dict):
+        for key, name in given.items():
+            if str(key).lstrip("-").isdigit() and 1 <= int(key) < num_classes:
+                names[int(key) - 1] = str(name)
+    elif isinstance(given, (list, tuple)) and len(given) in (num_classes, num_classes - 1):
+        names = [str(name) for name in given[len(given) - (num_classes - 1) :]]
+    if len(set(names)) != len(names):  # per-class results are keyed by name
+        names = [f"{k} {name}" for k, name in enumerate(names, start=1)]
+    return names
+
+
+def volume_provenance(paths: PipelinePaths) -> dict[str, Any]:
+    """The real dataset's manifest provenance (``dims``, ``volume_shape``, ``eval_shape``,
+    ``patches_of_one_subject``, ``mask_classes``... as ingest wrote them; ``{}`` if none)."""
+    provenance = read_manifest(paths.real).get("provenance")
+    return provenance if isinstance(provenance, dict) else {}

@@ -3,6 +3,11 @@
 running many, deduplicated, in spawned worker processes (:func:`execute_runs`).
 
 Each run uses one torch thread on CPU; results do not depend on the number of workers.
+
+Volumes (train images ``(N, 1, D, H, W)``) train 3D networks on random crops of
+``retrain.roi_size`` and segment the whole test volumes with a gaussian sliding window of
+that size and ``retrain.sw_overlap`` (see :mod:`tasks.downstream`); their results also
+carry per-class Dice/HD95 (:attr:`RunResult.per_class`).
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ class Run:
 @dataclass(frozen=True)
 class RunInputs:
     """What every run reads (sent once to each worker). Images float32 ``(N, C, H, W)`` in
-    [0, 1]; targets int64 ``(N,)`` class indices or ``(N, H, W)`` mask indices."""
+    [0, 1]; targets int64 ``(N,)`` class indices or ``(N, H, W)`` mask indices. Volumes:
+    ``(N, 1, D, H, W)`` and ``(N, D, H, W)``; test (and val) volumes may be larger than the
+    train ones."""
 
     cfg: PipelineConfig
     classes: tuple[str, ...]
@@ -67,11 +74,24 @@ class RunInputs:
 class RunResult:
     """``scores``: ``{metric: float}`` on the real test split; ``output``: what the bootstrap
     resamples (classification: predicted classes int64 ``(n_test,)``; segmentation:
-    ``{metric: float64 (n_test,)}`` per image); ``time_s``: wall time (logs only)."""
+    ``{metric: float64 (n_test,)}`` per image); ``time_s``: wall time (logs only);
+    ``per_class``: volumes segmentation only, ``{metric: [mean over test volumes of each
+    foreground class 1..K-1]}`` (None otherwise)."""
 
     scores: dict[str, float]
     output: Any
     time_s: float
+    per_class: dict[str, list[float]] | None = None
+
+
+def volume_roi(inputs: RunInputs) -> tuple[int, int, int] | None:
+    """The (D, H, W) training crop and sliding window of a volume dataset (None for 2D)."""
+    if inputs.train_images.ndim != 5:
+        return None
+    spec = inputs.cfg.retrain
+    roi = downstream.resolve_roi(spec.roi_size, inputs.train_images.shape[2:])
+    downstream.check_volume_roi(spec.task, spec.network, roi)
+    return roi
 
 
 def train_and_test(inputs: RunInputs, run: Run) -> RunResult:
@@ -85,7 +105,10 @@ def train_and_test(inputs: RunInputs, run: Run) -> RunResult:
     synthetic = np.asarray(run.synthetic, dtype=np.int64)
     images = np.concatenate([inputs.train_images[real], inputs.pool_images[synthetic]])
     targets = np.concatenate([inputs.train_targets[real], inputs.pool_targets[synthetic]])
-    model = downstream.build_network(spec.task, spec.network, images.shape[1], inputs.num_classes)
+    roi = volume_roi(inputs)
+    model = downstream.build_network(
+        spec.task, spec.network, images.shape[1], inputs.num_classes, spatial_dims=images.ndim - 2
+    )
     model = downstream.train_model(
         model,
         images,
@@ -99,16 +122,34 @@ def train_and_test(inputs: RunInputs, run: Run) -> RunResult:
         device=inputs.device,
         val=None if inputs.val_images is None else (inputs.val_images, inputs.val_targets),
         eval_every=spec.eval_every,
+        roi_size=roi,
+        sw_overlap=spec.sw_overlap,
     )
-    proba = downstream.predict_proba(model, inputs.test_images, batch_size=spec.batch_size, device=inputs.device)
+    window = roi if spec.task == "segmentation" else None  # classification reads whole volumes
+    proba = downstream.predict_proba(
+        model,
+        inputs.test_images,
+        batch_size=spec.batch_size,
+        device=inputs.device,
+        roi_size=window,
+        sw_overlap=spec.sw_overlap,
+    )
+    per_class = None
     if spec.task == "classification":
         scores = downstream.evaluate_classification(inputs.test_targets, proba, list(inputs.classes))
         output: Any = proba.argmax(axis=1)
         scores = {m: scores[m] for m in downstream.CLASSIFICATION_METRICS}
-    else:
+    elif roi is None:
         output = downstream.segmentation_scores(inputs.test_targets, proba.argmax(axis=1), inputs.num_classes)
         scores = {m: float(v.mean()) for m, v in output.items()}
-    return RunResult(scores=scores, output=output, time_s=time.perf_counter() - started)
+    else:
+        by_class = downstream.segmentation_scores_per_class(
+            inputs.test_targets, proba.argmax(axis=1), inputs.num_classes
+        )
+        output = {m: v.mean(axis=1) for m, v in by_class.items()}
+        scores = {m: float(v.mean()) for m, v in output.items()}
+        per_class = {m: [float(c) for c in v.mean(axis=0)] for m, v in by_class.items()}
+    return RunResult(scores=scores, output=output, time_s=time.perf_counter() - started, per_class=per_class)
 
 
 _WORKER_INPUTS: RunInputs | None = None

@@ -75,6 +75,7 @@ STAGES: dict[str, Stage] = {
             fingerprint_extra=lambda: {"pseudonym_key_id": key_id()},  # a keyed digest, never the key
             code=(
                 "tasks/ingest.py",
+                "tasks/ingest_volumes.py",
                 "tasks/ingest_pixels.py",
                 "tasks/ingest_sources.py",
                 "tasks/ingest_splits.py",
@@ -127,6 +128,8 @@ STAGES: dict[str, Stage] = {
             lambda p: [p.metrics / "quality.json"],
             code=(
                 "tasks/filter.py",
+                "tasks/quality_volumes.py",
+                "tasks/quality_volumes_slices.py",
                 "tasks/mask_filters.py",
                 "tasks/downstream.py",
                 "tasks/features.py",
@@ -168,7 +171,13 @@ STAGES: dict[str, Stage] = {
             lambda p: [p.reports],
             ("report",),
             lambda p: summary.outputs(p),  # summary.json (the DVC metrics) and the DVC plot files
-            code=("tasks/report.py", "tasks/quality_report.py", "tasks/summary.py"),
+            code=(
+                "tasks/report.py",
+                "tasks/report_volumes.py",
+                "tasks/quality_volumes_slices.py",
+                "tasks/quality_report.py",
+                "tasks/summary.py",
+            ),
         ),
     )
 }

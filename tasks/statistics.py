@@ -201,13 +201,18 @@ def minimum_detectable_effect(delta: dict[str, Any]) -> tuple[float | None, str 
     return float(halves[governing]), governing
 
 
-def power(delta: dict[str, Any] | None, verdict: str, metric: str, n_test: int, n_seeds: int) -> dict[str, Any]:
+def power(
+    delta: dict[str, Any] | None, verdict: str, metric: str, n_test: int, n_seeds: int, unit: str = "images"
+) -> dict[str, Any]:
     """The power statement beside a verdict: ``{"metric", "mde", "interval_governing",
     "n_test", "n_seeds", "statement"}``. ``delta`` (one metric's, as :func:`decide` reads
     it) is None when no comparison was run: ``mde`` is then None. A "not tested" verdict
-    with a delta (too little data) states the MDE but draws no conclusion."""
+    with a delta (too little data) states the MDE but draws no conclusion. ``unit``: what
+    the test rows are in the statement (``"volumes"`` for a 3D dataset)."""
     name = METRIC_NAMES.get(metric, metric)
-    sample = f"{n_test} test images, {n_seeds} seed{'s' if n_seeds != 1 else ''}"
+    if unit == "volumes" and metric == "hd95":
+        name = "voxel HD95"
+    sample = f"{n_test} test {unit}, {n_seeds} seed{'s' if n_seeds != 1 else ''}"
     result: dict[str, Any] = {
         "metric": metric,
         "mde": None,

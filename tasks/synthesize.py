@@ -23,6 +23,13 @@ the plan also fixes each row's mask (class ``c``'s row ``i`` gets class ``c``'s 
 ``i mod M_c``); the mask-conditioned generator makes each image for its mask
 (``generators.contract.generate_batch``) and the row's mask is that mask, bit for bit.
 The masks' sha256 is part of the plan's provenance, so other masks mean a fresh start.
+
+Volumes (``preprocess.dims: 3``, a volume generator: ``vae3d``, ``ldm3d``): the same plan and
+shards; a batch's images are ``(N, 1, D, H, W)`` and each row holds one volume cell
+(``generators.shards.encode_image``) with its mask ``(D, H, W)``; given masks
+(``masks_from: train``) are the train split's ``(M, D, H, W)``. Volume generators always
+generate eager (``synthesis.compile`` is not applied to them). One shard's rows are held in
+memory before writing: ``tasks/config.py`` bounds ``shard_rows`` x the volume's bytes.
 """
 
 from __future__ import annotations
@@ -137,7 +144,7 @@ def generate_batches(
 ) -> Iterator[ShardBatch]:
     """Generate one shard's images, ``batch_size`` at a time; row ``j`` is image ``j`` of
     ``plan.seed``'s per-image stream (``generators.seed_stream``), whatever the batch size.
-    ``masks``: the given masks, uint8 (M, H, W), row ``j`` getting ``masks[plan.masks[j]]``
+    ``masks``: the given masks, uint8 (M, H, W) (volumes: (M, D, H, W)), row ``j`` getting ``masks[plan.masks[j]]``
     (None: the generator picks its own masks, if it makes any)."""
     for start in range(0, len(plan.ids), batch_size):
         ids = plan.ids[start : start + batch_size]
@@ -363,15 +370,26 @@ def _adopt_written(
 
 def given_masks(cfg: PipelineConfig, paths: PipelinePaths, generator: Generator, counts: dict[str, int]) -> MaskSet:
     """The masks of ``synthesis.masks_from`` for ``generator``, checked: the generator is
-    mask-conditioned at ``preprocess.size``, and every class to make has a mask."""
+    mask-conditioned at ``preprocess.size`` (``preprocess.dims: 3``: a volume generator of
+    the train rows' ``volume_shape()``, given masks (M, D, H, W)), and every class to make
+    has a mask."""
     card = generator.card
     if not accepts_masks(generator):
         raise ConfigError(
             f"synthesis.masks_from needs a mask-conditioned generator, but {card.ref} (architecture "
-            f"'{card.architecture}') is not; use pix2pix or ddpm with with_masks: true, or remove synthesis.masks_from"
+            f"'{card.architecture}') is not; use pix2pix, or ddpm, vae3d or ldm3d with with_masks: true, or remove "
+            "synthesis.masks_from"
         )
-    size = cfg.preprocess.size
-    if tuple(card.image_size) != (size, size):
+    size: int | tuple[int, ...] = cfg.preprocess.size
+    if cfg.preprocess.dims == 3:
+        size = tuple(cfg.preprocess.volume_shape())
+        if card.volume_size is None or tuple(card.volume_size) != size:
+            made = "2D images" if card.volume_size is None else "x".join(map(str, card.volume_size)) + " volumes"
+            raise ConfigError(
+                f"synthesis.masks_from: {card.ref} makes {made} but the train masks are "
+                f"{'x'.join(map(str, size))} volumes (preprocess.volume_shape()); use a volume generator of that size"
+            )
+    elif tuple(card.image_size) != (size, size):
         raise ConfigError(
             f"synthesis.masks_from: {card.ref} makes {card.image_size[0]}x{card.image_size[1]} images but masks are "
             f"resized to preprocess.size {size}; use a generator of that size or change preprocess.size"
@@ -437,9 +455,12 @@ def synthesize(
         }
         provenance.update(masks_summary)
     total = sum(counts.values())
-    compiled = should_compile(
-        cfg.synthesis.compile, generator.card.architecture, total, cfg.synthesis.compile_min_images
-    ) and compile_generator(generator)
+    # volume generators generate eager: torch.compile is measured for the 2D networks only
+    compiled = (
+        generator.card.volume_size is None
+        and should_compile(cfg.synthesis.compile, generator.card.architecture, total, cfg.synthesis.compile_min_images)
+        and compile_generator(generator)
+    )
     key = resume_key(generator, provenance, dtype=dtype, device=device, threads=cfg.threads, compiled=compiled)
     log.info(
         "synthesizing %d images in %d shards with %s%s",

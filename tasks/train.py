@@ -41,7 +41,8 @@ MASK_CLASSES = ("background", "grey_matter", "white_matter")
 
 
 def load_training_data(paths: PipelinePaths, with_masks: bool, split: str = "train") -> TrainingData:
-    """Decode the real ``train`` split: images float32 (N, C, H, W) in [0, 1]. Another
+    """Decode the real ``train`` split: images float32 (N, C, H, W) in [0, 1] (a 3D dataset:
+    volumes (N, 1, D, H, W), masks (N, D, H, W)). Another
     ``split`` (the ``real-holdout`` control's held-out split) keeps the train split's class
     names, so the generator's card lists the classes the rest of the pipeline expects."""
     table = read_table(paths.real, splits=[split])
@@ -128,6 +129,12 @@ _DESCRIPTIONS = {
     "mask-conditioned when with_masks: the one-hot mask is concatenated to the noisy image)",
     "ldm": "Class-conditional latent diffusion model (MONAI AutoencoderKL + DiffusionModelUNet on its latents, "
     "rectified-flow or DDPM training, few-step sampling)",
+    "vae3d": "Class-conditional 3D VAE (MONAI Convolution/ResidualUnit blocks, spatial_dims 3; mask-conditioned when "
+    "with_masks: the one-hot mask enters the encoder and every decoder scale, paired volume/mask generation from a "
+    "pool of training masks)",
+    "ldm3d": "Class-conditional 3D latent diffusion model (MONAI AutoencoderKL + DiffusionModelUNet, spatial_dims 3, "
+    "rectified-flow training, Euler sampling; mask-conditioned when with_masks: the downsampled one-hot mask is "
+    "concatenated to the latent)",
     "pix2pix": "Mask-to-image pix2pix (MONAI UNet + PatchDiscriminator, L1 + adversarial) emitting image/mask "
     "pairs; its weights file holds a pool of training segmentation masks (no pixel data, no ids)",
     "noise": "NEGATIVE CONTROL: per-class Gaussian noise (salt-noise masks when paired); the judge must reject it",
@@ -142,6 +149,8 @@ _TAGS = {
     "ddpm": ("conditional", "diffusion"),
     "ldm": ("conditional", "diffusion", "latent-diffusion"),
     "pix2pix": ("conditional", "gan", "mask-to-image"),
+    "vae3d": ("conditional", "vae", "3d"),
+    "ldm3d": ("conditional", "diffusion", "latent-diffusion", "3d"),
     "noise": ("control", "negative-control"),
     "blobs": ("control", "negative-control"),
     "real-holdout": ("control", "positive-control", "real-images"),
@@ -198,7 +207,9 @@ def _train_architecture(
         subjects = read_table(paths.real, columns=["subject"], splits=[HOLDOUT_SPLIT]).column("subject").to_pylist()
         result = add_holdout_groups(result, subjects)
     sha = save_weights(result.state, staging / "weights.safetensors")
-    size = data.images.shape[-1]
+    height, width = (int(s) for s in data.images.shape[-2:])
+    volume = tuple(int(s) for s in data.images.shape[2:]) if data.images.ndim == 5 else None
+    size_tag = "x".join(str(s) for s in (volume or (height, width)))
     licence = str(manifest["provenance"].get("licence", "see source"))
     card = ModelCard(
         id=f"synthmed/{paths.pipeline}-{arch}",
@@ -210,9 +221,10 @@ def _train_architecture(
         network=result.network,
         modality=str(manifest["provenance"].get("modality", "unknown")),
         anatomy=str(manifest["provenance"].get("anatomy", "unknown")),
-        image_size=(size, size),
+        image_size=(height, width),
+        volume_size=volume,
         channels=int(data.images.shape[1]),
-        latent_dim=spec.latent_dim if arch in ("cgan", "dcgan", "vae") else None,
+        latent_dim=spec.latent_dim if arch in ("cgan", "dcgan", "vae", "vae3d") else None,
         conditioning=Conditioning(
             labels=result.labels,
             masks=result.mask_classes > 0,
@@ -227,9 +239,9 @@ def _train_architecture(
         ),
         licence=licence,
         weights=Weights(file="weights.safetensors", sha256=sha, format="safetensors"),
-        dependencies=("torch", "monai", "einops") if arch in ("ddpm", "ldm") else ("torch", "monai"),
+        dependencies=("torch", "monai", "einops") if arch in ("ddpm", "ldm", "ldm3d") else ("torch", "monai"),
         origin={"kind": "synthmed"},
-        tags=(*_TAGS[arch], f"{size}x{size}"),
+        tags=(*_TAGS[arch], size_tag),
     )
     save_card(card, staging / "card.yaml")
     columns = list(result.history[0]) if result.history else ["epoch"]

@@ -9,6 +9,8 @@ vae        VarAutoEncoder, label maps in, label appended to z      label        
 ddpm       DiffusionModelUNet (class embedding) + DDPM scheduler   label                DDIM, ``ddim_steps``
 ldm        AutoencoderKL + latent DiffusionModelUNet, RFlow/DDPM   label                rflow/DDIM, ``sample_steps``
 pix2pix    UNet generator + PatchDiscriminator, L1 + adversarial   mask (+ label)       one forward pass
+vae3d      3D Convolution/ResidualUnit VAE (+ PatchDiscriminator)   label, mask          decode z ~ N(0, I)
+ldm3d      3D AutoencoderKL + latent DiffusionModelUNet, RFlow     label, mask          Euler, ``sample_steps``
 noise      none (negative control: per-class Gaussian noise)       label, salt masks    seeded draw
 blobs      none (negative control: smooth random blobs)            label, salt masks    seeded draw
 holdout    none (positive control: held-out REAL val images)       label, real masks    seeded permutation
@@ -18,7 +20,8 @@ holdout    none (positive control: held-out REAL val images)       label, real m
 ``generators/architectures/controls.py``).
 
 Every model emits float32 images ``(N, C, H, W)`` in [0, 1] (the card's ``value_range``
-must say so) and is deterministic for a seed. ``LOADERS[card.architecture](card,
+must say so; the volume architectures ``vae3d`` and ``ldm3d`` emit ``(N, 1, D, H, W)`` and
+their cards give ``volume_size``) and is deterministic for a seed. ``LOADERS[card.architecture](card,
 weights_path, device)`` verifies the weights' sha256 (``generators.weights``) and returns a
 loaded ``generators.contract.Generator``; modules are imported lazily, so reading this
 mapping costs no MONAI import.
@@ -55,6 +58,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "ddpm": ("generators.architectures.ddpm", "DdpmModel"),
     "ldm": ("generators.architectures.ldm", "LdmModel"),
     "pix2pix": ("generators.architectures.pix2pix", "Pix2pixModel"),
+    "vae3d": ("generators.architectures.vae3d", "Vae3dModel"),
+    "ldm3d": ("generators.architectures.ldm3d", "Ldm3dModel"),
     # controls that prove the judge (generators/architectures/controls.py)
     "noise": ("generators.architectures.controls", "NoiseModel"),
     "blobs": ("generators.architectures.controls", "NoiseModel"),

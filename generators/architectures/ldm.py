@@ -58,7 +58,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,7 +95,11 @@ class LdmConfig:
     """Constructor arguments of both networks, the sampler and the latent scale factor;
     stored in the card's ``network`` field. ``autoencoder_channels`` has one entry per
     autoencoder level (``levels - 1`` stride-2 downsamplings); ``unet_channels`` and
-    ``attention_levels`` one per UNet level."""
+    ``attention_levels`` one per UNet level. ``spatial_dims`` (a class attribute, not a
+    card field) is 2 here; ``generators/architectures/ldm3d.py`` subclasses it for cubes,
+    ``image_size`` then being the cube's side."""
+
+    spatial_dims: ClassVar[int] = 2
 
     image_size: int
     channels: int
@@ -148,6 +152,11 @@ class LdmConfig:
         return self.image_size // 2 ** (len(self.autoencoder_channels) - 1)
 
     @property
+    def condition_channels(self) -> int:
+        """Channels concatenated to the latent at the UNet's input (0: none; ldm3d's masks)."""
+        return 0
+
+    @property
     def autoencoder_groups(self) -> int:
         return math.gcd(32, *self.autoencoder_channels)
 
@@ -192,7 +201,7 @@ def build_autoencoder(cfg: LdmConfig) -> AutoencoderKL:
     z ``(N, latent_channels, h, h)``. No attention (convolutions only)."""
     levels = len(cfg.autoencoder_channels)
     return AutoencoderKL(
-        spatial_dims=2,
+        spatial_dims=cfg.spatial_dims,
         in_channels=cfg.channels,
         out_channels=cfg.channels,
         num_res_blocks=1,
@@ -206,10 +215,11 @@ def build_autoencoder(cfg: LdmConfig) -> AutoencoderKL:
 
 
 def build_unet(cfg: LdmConfig) -> DiffusionModelUNet:
-    """``forward(z, timesteps, class_labels=y)``: z ``(N, latent_channels, h, h)`` -> same shape."""
+    """``forward(z, timesteps, class_labels=y)``: z ``(N, latent_channels, h, h)`` -> same shape
+    (with ``cfg.condition_channels`` > 0 the input has those channels appended)."""
     return DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=cfg.latent_channels,
+        spatial_dims=cfg.spatial_dims,
+        in_channels=cfg.latent_channels + cfg.condition_channels,
         out_channels=cfg.latent_channels,
         num_res_blocks=cfg.num_res_blocks,
         channels=cfg.unet_channels,

@@ -40,6 +40,36 @@ TINY = {
 }
 
 
+#: the CI-sized twin of pipelines.yaml's ``demo-3d``: MNI152 cubes at 3 mm (16^3 train and
+#: test cubes, slabs along the anterior-posterior axis), a paired 3D VAE trained 2 epochs,
+#: a 3D UNet retrained 4 steps; a plumbing test (no realism bound), seconds per stage
+TINY_3D = {
+    "description": "MNI152 cubes, volumes end to end in about a minute",
+    "seed": 0,
+    "threads": 2,
+    "device": "cpu",
+    "source": {"kind": "mni152", "levels_mm": [], "level_names": ["brain"]},
+    "preprocess": {
+        "dims": 3,
+        "spacing_mm": [3.0, 3.0, 3.0],
+        "patch": {"size": 16, "per_volume": 24, "eval_size": 16, "eval_per_volume": 3, "split_axis": 1},
+        "split": {"train": 0.5, "val": 0.25, "test": 0.25},
+    },
+    "generator": {
+        "train": {"architecture": "vae3d", "with_masks": True, "epochs": 2, "batch_size": 4, "base_channels": 8}
+    },
+    "synthesis": {"count_per_class": 12, "shard_rows": 8, "batch_size": 4},
+    "quality": {
+        "label_consistency": {"enabled": False},
+        "metrics": {"self_supervised_steps": 10},
+        "realism": {"folds": 2, "epochs": 1, "bootstrap": 100},
+        "gate": {"max_two_sample_auc": None},
+    },
+    "retrain": {"task": "segmentation", "network": "unet", "steps": 4, "batch_size": 4, "seeds": [0, 1]},
+    "report": {"grid_per_class": 2},
+}
+
+
 def write_images(root: Path, subjects: int = 8, per_subject: int = 2, size: int = 24) -> None:
     """``root/<class>/sub<k>_<i>.png``: grey uint8 phantoms."""
     rng = np.random.default_rng(0)
@@ -54,11 +84,12 @@ def write_images(root: Path, subjects: int = 8, per_subject: int = 2, size: int 
                 (folder / f"sub{subject:02d}_{i}.png").write_bytes(buffer.getvalue())
 
 
-def make_project(root: Path, *, dvc: bool = False, overrides: dict | None = None) -> Path:
-    """Write images + pipelines.yaml (and a git repo with DVC and dvc.yaml when ``dvc``)."""
+def make_project(root: Path, *, dvc: bool = False, overrides: dict | None = None, base: dict | None = None) -> Path:
+    """Write images + pipelines.yaml with pipeline ``tiny`` = ``base`` (default
+    :data:`TINY`) updated by ``overrides`` (and a git repo with DVC and dvc.yaml when ``dvc``)."""
     root.mkdir(parents=True, exist_ok=True)
     write_images(root / "images")
-    pipeline = {**TINY, **(overrides or {})}
+    pipeline = {**(TINY if base is None else base), **(overrides or {})}
     (root / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": {"tiny": pipeline}}, sort_keys=False))
     if dvc:
         run(["git", "init", "-q"], root)

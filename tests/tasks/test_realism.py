@@ -77,9 +77,9 @@ def test_sides_are_balanced_per_class_and_missing_classes_left_out() -> None:
     rng = np.random.default_rng(0)
     real_labels = np.asarray(["a"] * 10 + ["b"] * 4 + ["c"] * 3, dtype=object)
     synthetic_labels = np.asarray(["a"] * 3 + ["b"] * 9, dtype=object)
-    real_rows, synthetic_rows = realism._balanced_rows(real_labels, synthetic_labels, 100, rng)
+    real_rows, synthetic_rows = realism.balanced_rows(real_labels, synthetic_labels, 100, rng)
     assert sorted(real_labels[real_rows]) == sorted(synthetic_labels[synthetic_rows]) == ["a"] * 3 + ["b"] * 4
-    capped = realism._balanced_rows(real_labels, synthetic_labels, 2, rng)
+    capped = realism.balanced_rows(real_labels, synthetic_labels, 2, rng)
     assert len(capped[0]) == len(capped[1]) == 4
 
 
