@@ -2,8 +2,8 @@
 end (generate + encode + write shards) against the bare forward pass (``generate`` alone,
 same batch size), at 64^3 and 128^3, and peak memory per volume.
 
-The generator is the demo-3d architecture (``vae3d``, paired volume + mask) trained one
-epoch on a few random volumes through the ``train`` stage (speed does not depend on the
+The generator is the demo-3d network (``vae3d``, base channels 8, latent 32, paired volume +
+mask) trained one epoch on four random volumes through the ``train`` stage (speed does not depend on the
 weights). Peak memory runs in a fresh process per size: ``ru_maxrss`` after generating one
 batch minus the RSS after loading the generator, divided by the batch size.
 
@@ -50,14 +50,24 @@ def config(size: int, count: int, batch_size: int, threads: int, device: str):
             "device": device,
             "source": {"kind": "mni152", "levels_mm": [], "level_names": ["brain"]},
             "preprocess": {"dims": 3, "grid": [size, size, size]},
-            "generator": {"train": {"architecture": "vae3d", "with_masks": True, "epochs": 1, "batch_size": 2}},
+            "generator": {
+                "train": {
+                    "architecture": "vae3d",
+                    "with_masks": True,
+                    "epochs": 1,
+                    "batch_size": 2,
+                    "base_channels": 8,  # demo-3d's network
+                    "latent_dim": 32,
+                }
+            },
             "synthesis": {"count_per_class": count, "batch_size": batch_size, "shard_rows": max(1, count // 2)},
         }
     )
 
 
 def prepare(root: Path, size: int, count: int, batch_size: int, threads: int, device: str):
-    """Write a 4-volume real dataset at ``size``^3 (with masks) and train the generator."""
+    """Write a 6-volume real dataset at ``size``^3 (with masks; 4 train, the preflight's
+    minimum) and train the generator one epoch."""
     from generators.shards import Row, write_dataset
     from tasks.paths import PipelinePaths
     from tasks.runtime import setup_torch
@@ -76,7 +86,7 @@ def prepare(root: Path, size: int, count: int, batch_size: int, threads: int, de
             mask=rng.integers(0, 3, (size, size, size), dtype=np.uint8),
             source="bench",
         ).to_record()
-        for i, split in enumerate(["train", "train", "val", "test"])
+        for i, split in enumerate(["train"] * 4 + ["val", "test"])
     ]
     shape = [size, size, size]
     write_dataset(

@@ -229,6 +229,9 @@ def load_card(path: Path | str) -> ModelCard:
 
 
 def save_card(card: ModelCard, path: Path | str) -> None:
-    """Write a card as YAML with stable key order."""
+    """Write a card as YAML with stable key order. A 2D card has no ``volume_size`` key, so
+    its bytes are those of cards written before volumes existed."""
     data = card.model_dump(mode="json")
+    if data.get("volume_size") is None:
+        data.pop("volume_size", None)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

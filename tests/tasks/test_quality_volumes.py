@@ -269,3 +269,24 @@ def test_judge_slices_cut_three_planes_per_volume() -> None:
     lit = {int(i) for i in np.flatnonzero(slices[JUDGE_SLICES:].reshape(JUDGE_SLICES, -1).any(axis=1))}
     # order per fraction: axial, coronal, sagittal -> axial 3/4 = 6, coronal 1/2 = 4, sagittal 1/4 = 2
     assert lit == {2, 4, 6}
+
+
+def test_too_smooth_volumes_are_told_apart(tmp_path: Path) -> None:
+    """The failure a weak judge misses: fresh phantoms without the real texture (Gaussian-
+    smoothed, as a blurry generator makes them), shapes and contrast right. The 2.5D judge
+    must tell them apart and the realism gate reject them (a 3D CNN on whole cubes scored
+    demo-3d's flat VAE cubes 0.57: see JUDGE_METHOD)."""
+    from scipy import ndimage
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(11)
+    rows = []
+    for i in range(24):
+        image, mask = phantom(rng)
+        smooth = ndimage.gaussian_filter(image[0].astype(np.float32), 1.0)
+        rows.append(synthetic_row(f"syn-smooth-{i:02d}", np.rint(smooth).astype(np.uint8)[None], mask))
+    paths = setup(tmp_path, rows)
+    with pytest.raises(QualityGateError, match="realism gate"):
+        filter_synthetic(make_config(), paths)
+    test = json.loads((paths.metrics / "quality.json").read_text())["realism"]["two_sample"]
+    assert test["auc"] > 0.9 and test["ci95_low"] > 0.9
