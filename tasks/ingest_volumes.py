@@ -134,6 +134,16 @@ def check_volume_memory(
     return out
 
 
+def check_volume_sides(shape: tuple[int, ...], min_side: int) -> None:
+    """ReadError when a volume is shorter than ``min_side`` voxels along an axis: a 4 x 5 x 7
+    matrix or a 3-slice slab is not a volume a 3D model can learn from."""
+    if min(int(n) for n in shape) < min_side:
+        raise ReadError(
+            f"volume of shape {_x(shape)}, under {min_side} voxels along an axis: too small for a dims 3 "
+            "pipeline; use whole volumes, or preprocess.dims: 2 for slabs of a few slices"
+        )
+
+
 def _x(values: tuple[Any, ...], fmt: str = "d") -> str:
     return "x".join(format(float(v), "g") if fmt == "g" else str(int(v)) for v in values)
 
@@ -504,6 +514,7 @@ def process_job(job: VolumeJob, spec: PreprocessSpec, seed: int) -> VolumeRows |
         if header.planar:
             raise ReadError(PLANAR_REASON.format(what=f"shape {_x(header.shape)}"))
         limits.check_volume(header.shape)
+        check_volume_sides(header.shape[:3], limits.min_side)
         target = _target(header, spec)
         check_volume_memory(header.shape, header.spacing or (1.0, 1.0, 1.0), target, spec.max_volume_mib)
         volume = _decode(job, limits)

@@ -171,17 +171,17 @@ def test_slab_thinner_than_its_cube_is_a_config_error(tmp_path: Path) -> None:
 def test_dicom_series_and_multiframe_become_volumes(tmp_path: Path) -> None:
     source = Path(get_testdata_file("MR_small.dcm"))
     series = generate_uid()
-    for k in range(4):  # four slices of one series, written out of order
+    for k in range(8):  # eight slices of one series (the fewest a volume may have), written out of order
         ds = pydicom.dcmread(source)
         ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
-        ds.ImagePositionPatient = [-83.9063, -91.2, 6.6406 + 0.8 * (3 - k)]
+        ds.ImagePositionPatient = [-83.9063, -91.2, 6.6406 + 0.8 * (7 - k)]
         (tmp_path / "raw" / "mr" / "PAT1").mkdir(parents=True, exist_ok=True)
         ds.save_as(tmp_path / "raw" / "mr" / "PAT1" / f"IM{k}.dcm")
     (tmp_path / "raw" / "mr" / "PAT2").mkdir()
     shutil.copy(source, tmp_path / "raw" / "mr" / "PAT2" / "lone.dcm")  # a single slice: 2D
     multi = pydicom.dcmread(source)
-    multi.NumberOfFrames = 3
-    multi.PixelData = multi.PixelData * 3
+    multi.NumberOfFrames = 8
+    multi.PixelData = multi.PixelData * 8
     multi.save_as(tmp_path / "raw" / "mr" / "cine.dcm")
     paths = PipelinePaths(tmp_path, "p")
     ingest(config({"kind": "folder", "path": "raw"}, grid=[16, 16, 16]), paths)
@@ -248,3 +248,27 @@ def test_pick_cubes_matches_brute_force_foreground() -> None:
     }
     assert expected and set(corners) == expected and len(corners) == len(expected)
     assert pick_cubes(table, lo, hi, 8, 5, 0.0, np.random.default_rng(1)) == []  # 7 voxels thick: no 8-cube fits
+
+
+def test_foreign_nifti_files_too_small_4d_or_nan_are_rejected_with_reasons(tmp_path: Path) -> None:
+    """nibabel's own example files (not written for this project): a 4 x 5 x 7 matrix, a
+    3-slice slab, 4D series and a volume with NaN are refused one per line; the anatomical
+    volumes (LAS and RAS) are ingested."""
+    data = Path(nib.__file__).parent / "tests" / "data"
+    names = ["anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz", "functional.nii"]
+    names += ["resampled_anat_moved.nii", "example4d.nii.gz"]
+    if not all((data / name).is_file() for name in names):
+        pytest.fail(f"nibabel's example data is missing from {data}; reinstall nibabel")
+    raw = tmp_path / "raw" / "brain"
+    raw.mkdir(parents=True)
+    for name in names:
+        shutil.copy(data / name, raw / name)
+    paths = PipelinePaths(tmp_path, "p")
+    summary = ingest(config({"kind": "folder", "path": "raw"}, spacing_mm=[2.0, 2.0, 2.0], grid=[32, 32, 16]), paths)
+    assert summary["rows"] == 2
+    reasons = list(rejects_of(paths).values())
+    assert len(reasons) == 4 and all("\n" not in r for r in reasons)
+    # standard.nii.gz (4 x 5 x 7) and resampled_anat_moved.nii (a 17 x 21 x 3 slab, with NaN
+    # too: the header is checked first)
+    assert sum("under 8 voxels along an axis" in r for r in reasons) == 2
+    assert sum("expected a 3D volume (or 4D with one volume)" in r for r in reasons) == 2
