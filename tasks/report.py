@@ -68,12 +68,17 @@ LABEL_WIDTH_PX = 96
 SETTING_TITLES = {"real_only": "real only", "augmented": "real + synthetic"}
 
 
+def _unit(retrain: dict[str, Any]) -> str:
+    """What one row is: ``volumes`` for a volume pipeline (retrain.json ``volumes`` block), else ``images``."""
+    return "volumes" if retrain.get("volumes") else "images"
+
+
 def _selection_note(retrain: dict[str, Any]) -> str:
     n_val = retrain.get("n_val_for_selection") or 0
     if not n_val:
         return " Each run keeps its final weights."
     return (
-        f" Each run keeps the weights that score best on the {n_val} real val images "
+        f" Each run keeps the weights that score best on the {n_val} real val {_unit(retrain)} "
         f"(checked every {retrain.get('eval_every')} steps); the test split is never used to choose."
     )
 
@@ -715,9 +720,10 @@ def _comparison_section(retrain: dict[str, Any] | None, quality: dict[str, Any])
     lines += [
         f"Downstream {retrain.get('task')} with {retrain.get('network')}: {retrain.get('steps')} optimizer steps, "
         f"batch {retrain.get('batch_size')}, lr {retrain.get('lr')}, seeds {', '.join(map(str, seeds))}. "
-        f"*real only*: {retrain.get('n_real_train')} real train images; *real + synthetic*: plus "
-        f"{retrain.get('n_synthetic_used')} filtered synthetic images (ratio {retrain.get('synthetic_ratio')}). "
-        f"Both evaluated on {retrain.get('n_test')} real test images.{_selection_note(retrain)}",
+        f"*real only*: {retrain.get('n_real_train')} real train {_unit(retrain)}; *real + synthetic*: plus "
+        f"{retrain.get('n_synthetic_used')} filtered synthetic {_unit(retrain)} (ratio "
+        f"{retrain.get('synthetic_ratio')}). Both evaluated on {retrain.get('n_test')} real test "
+        f"{_unit(retrain)}.{_selection_note(retrain)}",
         "",
     ]
     if untested(verdict):
