@@ -566,14 +566,19 @@ def score_sanity_and_masks(
     return scores
 
 
+def real_train_column(paths: PipelinePaths, ids: list[str], column: str) -> list[Any]:
+    """``column`` of each real train row ``ids`` (None for an id not found)."""
+    table = read_table(paths.real, columns=["id", column], splits=["train"])
+    value_of = dict(zip(table.column("id").to_pylist(), table.column(column).to_pylist(), strict=True))
+    return [value_of.get(row_id) for row_id in ids]
+
+
 def _real_subjects(paths: PipelinePaths, ids: list[str]) -> list[str | None]:
     """The subject of each real train row ``ids`` (pseudonymised; used only for grouping)."""
-    table = read_table(paths.real, columns=["id", "subject"], splits=["train"])
-    subject_of = dict(zip(table.column("id").to_pylist(), table.column("subject").to_pylist(), strict=True))
-    return [subject_of.get(row_id) for row_id in ids]
+    return real_train_column(paths, ids, "subject")
 
 
-def _nearest_neighbour_filters(
+def nearest_neighbour_filters(
     cfg: PipelineConfig,
     paths: PipelinePaths,
     train: downstream.LabelledArrays,
@@ -644,6 +649,117 @@ def _count(scores: SyntheticScores, keep_memo: np.ndarray, keep_dup: np.ndarray)
         else:
             entry["kept"] += 1
     return dict(sorted(counts.items()))
+
+
+def keep_and_write(
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    scores: SyntheticScores,
+    memo: nn_filters.FilterResult | None,
+    dup: nn_filters.FilterResult | None,
+    use_label: bool,
+    use_masks: bool,
+) -> np.ndarray:
+    """Add the nearest-neighbour distance columns to ``scores``, decide which rows every
+    filter keeps (bool ``(n,)``, returned) and write the filtered dataset."""
+    if memo:
+        scores.columns["q_nn_real_distance"] = memo.column
+    if dup:
+        scores.columns["q_nn_synthetic_distance"] = dup.column
+    keep = (
+        scores.keep_sanity & scores.keep_label & scores.keep_mask & _kept_by(memo, scores.n) & _kept_by(dup, scores.n)
+    )
+    schema = quality_schema(cfg.quality.sanity.enabled, use_label, memo is not None, dup is not None, masks=use_masks)
+    _write_filtered(cfg, paths, schema, scores.columns, keep)
+    return keep
+
+
+def _kept_by(result: nn_filters.FilterResult | None, n: int) -> np.ndarray:
+    return result.keep if result else np.ones(n, bool)
+
+
+def mask_filters_info(cfg: PipelineConfig, mask_ctx: Any, off_reason: str) -> dict[str, Any]:
+    """The ``filters.masks`` record: the mask filters' own, or their settings and why they are off."""
+    if mask_ctx:
+        return mask_ctx.info()
+    return {**cfg.quality.masks.model_dump(mode="json"), "active": False, "reason": off_reason}
+
+
+def finish_quality(
+    cfg: PipelineConfig,
+    paths: PipelinePaths,
+    scores: SyntheticScores,
+    memo: nn_filters.FilterResult | None,
+    dup: nn_filters.FilterResult | None,
+    *,
+    label_info: dict[str, Any],
+    mask_info: dict[str, Any],
+    label_classifier: dict[str, Any] | None,
+    real_train_sanity: dict[str, Any] | None,
+    set_metrics: dict[str, Any] | None,
+    realism_block: dict[str, Any] | None,
+    extractor_name: str | None,
+    label_classifier_val_accuracy: float | None,
+    extra: dict[str, Any] | None = None,
+    stage: str = "filter",
+) -> dict[str, Any]:
+    """Count, write ``quality.json`` (the filters' records, ``label_classifier``, the real
+    train sanity reference, set metrics, realism and the ``extra`` top-level blocks) with its
+    gate, log one line as ``stage``; raise QualityGateError (after writing) when the gate
+    fails, else return the stage summary. Shared by the 2D and the volume filter stage."""
+    spec = cfg.quality
+    per_class = _count(scores, _kept_by(memo, scores.n), _kept_by(dup, scores.n))
+    totals = {k: sum(entry[k] for entry in per_class.values()) for k in COUNT_KEYS}
+    kept_fraction = totals["kept"] / totals["generated"] if totals["generated"] else None
+    quality: dict[str, Any] = {
+        "per_class": per_class,
+        "totals": totals,
+        "kept_fraction": kept_fraction,
+        "filters": {
+            "sanity": spec.sanity.model_dump(mode="json"),
+            "label_consistency": label_info,
+            "masks": mask_info,
+            "memorisation": memo.info if memo else None,
+            "duplicates": dup.info if dup else None,
+        },
+        "label_classifier": label_classifier,
+        "real_train_sanity": real_train_sanity,
+        "set_metrics": set_metrics,
+        "realism": realism_block,
+        **(extra or {}),
+    }
+    quality = downstream.round_floats(quality)
+    gate = downstream.round_floats(quality_sets.check_gate(spec.gate, quality))
+    quality["gate"] = gate
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(quality, paths.metrics / "quality.json")
+    logger.info(
+        "%s: %d generated, %s; %d kept",
+        stage,
+        totals["generated"],
+        ", ".join(f"{k.removeprefix('dropped_')} {totals[k]}" for k in COUNT_KEYS if k.startswith("dropped_")),
+        totals["kept"],
+    )
+    if not gate["passed"]:
+        outputs = f"{paths.filtered} and {paths.metrics / 'quality.json'}"
+        raise QualityGateError(quality_sets.gate_message(gate, quality, outputs))
+    kept_overall = ((set_metrics or {}).get("sets") or {}).get("kept") or {}
+    kept_overall = kept_overall.get("overall") or {}
+    return downstream.round_floats(
+        {
+            "per_class": per_class,
+            "totals": totals,
+            "kept_fraction": kept_fraction,
+            "label_classifier_val_accuracy": label_classifier_val_accuracy,
+            "extractor": extractor_name,
+            "fid": kept_overall.get("fid"),
+            "kid_mean": kept_overall.get("kid_mean"),
+            "extractor_reliable": gate["extractor_reliable"],
+            "two_sample_auc": ((realism_block or {}).get("two_sample") or {}).get("auc"),
+            "realism_passed": gate["realism_passed"],
+            "gate_passed": gate["passed"],
+        }
+    )
 
 
 def _write_filtered(
@@ -801,16 +917,8 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
         syn_feats = features.extract_features(
             extractor, scores.images, normalisation=normalisation, batch_size=spec.metrics.batch_size, device=device
         )
-    memo, dup = _nearest_neighbour_filters(cfg, paths, train, real_feats, scores, syn_feats)
-    keep_memo = memo.keep if memo else np.ones(scores.n, bool)
-    keep_dup = dup.keep if dup else np.ones(scores.n, bool)
-    if memo:
-        scores.columns["q_nn_real_distance"] = memo.column
-    if dup:
-        scores.columns["q_nn_synthetic_distance"] = dup.column
-    keep = scores.keep_sanity & scores.keep_label & scores.keep_mask & keep_memo & keep_dup
-    schema = quality_schema(spec.sanity.enabled, use_label, memo is not None, dup is not None, masks=use_masks)
-    _write_filtered(cfg, paths, schema, scores.columns, keep)
+    memo, dup = nearest_neighbour_filters(cfg, paths, train, real_feats, scores, syn_feats)
+    keep = keep_and_write(cfg, paths, scores, memo, dup, use_label, use_masks)
 
     set_metrics = None
     if use_metrics:
@@ -843,55 +951,19 @@ def filter_synthetic(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any
         )
 
     realism_block = _realism(cfg, paths, train, scores, keep, device)
-    per_class = _count(scores, keep_memo, keep_dup)
-    totals = {k: sum(entry[k] for entry in per_class.values()) for k in COUNT_KEYS}
-    kept_fraction = totals["kept"] / totals["generated"] if totals["generated"] else None
-    quality: dict[str, Any] = {
-        "per_class": per_class,
-        "totals": totals,
-        "kept_fraction": kept_fraction,
-        "filters": {
-            "sanity": spec.sanity.model_dump(mode="json"),
-            "label_consistency": spec.label_consistency.model_dump(mode="json"),
-            "masks": mask_ctx.info()
-            if mask_ctx
-            else {**spec.masks.model_dump(mode="json"), "active": False, "reason": masks_off_reason},
-            "memorisation": memo.info if memo else None,
-            "duplicates": dup.info if dup else None,
-        },
+    return finish_quality(
+        cfg,
+        paths,
+        scores,
+        memo,
+        dup,
+        label_info=spec.label_consistency.model_dump(mode="json"),
+        mask_info=mask_filters_info(cfg, mask_ctx, masks_off_reason),
         # trained only as the feature extractor (recorded there) when the filter is off
-        "label_classifier": classifier if use_label else None,
-        "real_train_sanity": reference,
-        "set_metrics": set_metrics,
-        "realism": realism_block,
-    }
-    quality = downstream.round_floats(quality)
-    gate = downstream.round_floats(quality_sets.check_gate(spec.gate, quality))
-    quality["gate"] = gate
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(quality, paths.metrics / "quality.json")
-    logger.info(
-        "filter: %d generated, %s; %d kept",
-        totals["generated"],
-        ", ".join(f"{k.removeprefix('dropped_')} {totals[k]}" for k in COUNT_KEYS if k.startswith("dropped_")),
-        totals["kept"],
-    )
-    if not gate["passed"]:
-        outputs = f"{paths.filtered} and {paths.metrics / 'quality.json'}"
-        raise QualityGateError(quality_sets.gate_message(gate, quality, outputs))
-    kept_overall = (set_metrics or {}).get("sets", {}).get("kept", {}).get("overall", {})
-    return downstream.round_floats(
-        {
-            "per_class": per_class,
-            "totals": totals,
-            "kept_fraction": kept_fraction,
-            "label_classifier_val_accuracy": classifier["val_accuracy"] if use_label else None,
-            "extractor": extractor.name if use_metrics else None,
-            "fid": kept_overall.get("fid"),
-            "kid_mean": kept_overall.get("kid_mean"),
-            "extractor_reliable": gate["extractor_reliable"],
-            "two_sample_auc": ((realism_block or {}).get("two_sample") or {}).get("auc"),
-            "realism_passed": gate["realism_passed"],
-            "gate_passed": gate["passed"],
-        }
+        label_classifier=classifier if use_label else None,
+        real_train_sanity=reference,
+        set_metrics=set_metrics,
+        realism_block=realism_block,
+        extractor_name=extractor.name if use_metrics else None,
+        label_classifier_val_accuracy=classifier["val_accuracy"] if use_label else None,
     )

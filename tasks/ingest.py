@@ -381,6 +381,16 @@ def _check_preprocess(spec: PreprocessSpec) -> None:
         raise ConfigError("preprocess.bit_depth: 16-bit is stored for grey only; set channels: 1 or bit_depth: 8")
 
 
+def record_rejects(paths: PipelinePaths, rejects: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """Make every reject printable and one line, write ``paths.rejects`` and log them;
+    returns the rejects as written and the rejects file as shown (relative to the root)."""
+    rejects = [{"file": printable_file(r["file"]), "reason": " ".join(r["reason"].split())} for r in rejects]
+    shown = paths.rejects.relative_to(paths.root).as_posix()
+    _write_rejects(paths, rejects)
+    _log_rejects(rejects, shown)
+    return rejects, shown
+
+
 def _write_rejects(paths: PipelinePaths, rejects: list[dict[str, str]]) -> None:
     paths.rejects.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sorted(rejects, key=lambda r: (r["file"], r["reason"])), paths.rejects)
@@ -456,13 +466,10 @@ def ingest(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             rejects.append(outcome.reject)
         drafts.extend(outcome.drafts)
         dropped += outcome.dropped_slices
-    rejects = [{"file": printable_file(r["file"]), "reason": " ".join(r["reason"].split())} for r in rejects]
     ids = Counter(d.id for d in drafts)
     if any(n > 1 for n in ids.values()):
         raise DataError("internal: two inputs gave the same row id; report this with the input file list")
-    rejects_rel = paths.rejects.relative_to(paths.root).as_posix()
-    _write_rejects(paths, rejects)
-    _log_rejects(rejects, rejects_rel)
+    rejects, rejects_rel = record_rejects(paths, rejects)
     if not drafts:
         where = getattr(src, "path", src.kind)
         raise DataError(

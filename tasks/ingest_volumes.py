@@ -63,11 +63,10 @@ from tasks.ingest import (
     MNI152_URI,
     SHARD_ROWS,
     _limits,
-    _log_rejects,
     _one_line_warnings,
-    _write_rejects,
     base_provenance,
     drop_duplicates,
+    record_rejects,
     row_id,
 )
 from tasks.ingest_pixels import scale_intensity
@@ -78,7 +77,6 @@ from tasks.ingest_sources import (
     folder_inputs,
     mni152_files,
     pair_masks,
-    printable_file,
 )
 from tasks.ingest_splits import assign_splits, split_notes
 from tasks.paths import PipelinePaths
@@ -599,10 +597,7 @@ def ingest_volumes(cfg: PipelineConfig, paths: PipelinePaths, src: Any) -> dict[
                     rejects.append(outcome)
                 else:
                     volumes.append(outcome)
-    rejects = [{"file": printable_file(r["file"]), "reason": " ".join(r["reason"].split())} for r in rejects]
-    rejects_rel = paths.rejects.relative_to(paths.root).as_posix()
-    _write_rejects(paths, rejects)
-    _log_rejects(rejects, rejects_rel)
+    rejects, rejects_rel = record_rejects(paths, rejects)
     if not volumes:
         where = getattr(src, "path", src.kind)
         raise DataError(

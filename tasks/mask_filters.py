@@ -135,9 +135,9 @@ class MaskReference:
 
 
 def calibrate(real_masks: np.ndarray, spec: MaskFilter) -> MaskReference:
-    """Bounds from real train masks int64 ``(N, H, W)`` (N >= 1)."""
-    if real_masks.ndim != 3 or len(real_masks) == 0:
-        raise DataError(f"expected real train masks (N, H, W) with N > 0, got shape {real_masks.shape}")
+    """Bounds from real train masks int64 ``(N, H, W)``, or volume masks ``(N, D, H, W)`` (N >= 1)."""
+    if real_masks.ndim not in (3, 4) or len(real_masks) == 0:
+        raise DataError(f"expected real train masks (N, H, W) or (N, D, H, W) with N > 0, got shape {real_masks.shape}")
     foreground = (real_masks > 0).reshape(len(real_masks), -1).mean(1)
     components = np.asarray([count_components(m) for m in real_masks], np.float64)
     low_p, high_p = (float(np.percentile(foreground, q)) for q in FOREGROUND_PERCENTILES)

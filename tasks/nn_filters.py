@@ -40,7 +40,10 @@ class FilterResult:
 def space_vectors(space: str, images: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
     """float64 rows whose Euclidean distance is the filter's distance: ``pixel`` ->
     images ``(N, C, H, W)`` flattened and divided by sqrt(C*H*W) (distance = RMSE of [0, 1]
-    pixels); ``feature`` -> the features ``(N, D)``."""
+    pixels); ``feature`` -> the features ``(N, D)``. Volumes ``(N, C, D, H, W)``, whatever
+    ``space``: :func:`volume_vectors` (correlation of pooled volumes)."""
+    if images.ndim == 5:
+        return volume_vectors(images)
     if space == "feature":
         return np.asarray(feats, dtype=np.float64)
     flat = images.reshape(images.shape[0], int(np.prod(images.shape[1:]))).astype(np.float64)

@@ -49,16 +49,14 @@ from typing import Any
 
 import numpy as np
 
-from generators.errors import DataError, QualityGateError
+from generators.errors import DataError
 from generators.shards import (
     decode_image,
     iter_tables,
     read_manifest,
-    read_table,
     to_unit_float,
-    write_json_atomic,
 )
-from tasks import downstream, mask_filters, nn_filters, quality_sets, quality_volumes_slices, realism
+from tasks import downstream, mask_filters, nn_filters, quality_volumes_slices, realism
 from tasks import filter as filter2d
 from tasks.config import PipelineConfig
 from tasks.paths import PipelinePaths
@@ -130,22 +128,7 @@ def _mask_context(
     if not active:
         return None, reason
     spec = cfg.quality.masks
-    masks = train.masks
-    foreground = (masks > 0).reshape(len(masks), -1).mean(1)
-    components = np.asarray([mask_filters.count_components(m) for m in masks], np.float64)
-    low, high = (float(np.percentile(foreground, q)) for q in mask_filters.FOREGROUND_PERCENTILES)
-    components_p99 = float(np.percentile(components, mask_filters.COMPONENTS_PERCENTILE))
-    reference = mask_filters.MaskReference(
-        classes=tuple(int(c) for c in np.unique(masks)),
-        n=len(masks),
-        foreground_p01=low,
-        foreground_p99=high,
-        foreground_low=spec.foreground_low_scale * low,
-        foreground_high=min(1.0, spec.foreground_high_scale * high),
-        allow_empty=bool((foreground == 0).any()),
-        components_p99=components_p99,
-        max_components=spec.components_scale * max(components_p99, 1.0),
-    )
+    reference = mask_filters.calibrate(train.masks, spec)
     segmenter = mask_filters.Segmenter(
         None,
         len(reference.classes),
@@ -212,45 +195,26 @@ def _score(
 
 def _nearest_neighbour(
     cfg: PipelineConfig,
+    paths: PipelinePaths,
     train: downstream.LabelledArrays,
-    real_subjects: list[str | None],
     scores: filter2d.SyntheticScores,
 ) -> tuple[nn_filters.FilterResult | None, nn_filters.FilterResult | None]:
-    """Memorisation and near-duplicates in the correlation distance of pooled volumes."""
+    """The 2D stage's memorisation and near-duplicate filters, which measure volumes in the
+    correlation distance of pooled volumes (:func:`tasks.nn_filters.space_vectors`); their
+    records name that distance."""
     spec = cfg.quality
-    if not (spec.memorisation.enabled or spec.duplicates.enabled):
-        return None, None
     for nn_spec in (spec.memorisation, spec.duplicates):
         if nn_spec.enabled and nn_spec.space == "feature":
             logger.warning("volumes: the nearest-neighbour filters use the voxel correlation distance, not features")
-    groups, kind = nn_filters.subject_groups(real_subjects)
-    real_vectors = nn_filters.volume_vectors(train.images)
-    reference = nn_filters.real_reference(real_vectors, groups)
-    synthetic_vectors = nn_filters.volume_vectors(scores.images)
-    n, usable = scores.n, scores.usable
 
-    def described(result: nn_filters.FilterResult) -> nn_filters.FilterResult:
+    def described(result: nn_filters.FilterResult | None) -> nn_filters.FilterResult | None:
+        if result is None:
+            return None
         info = {**result.info, "space": VOLUME_SPACE, "configured_space": result.info["space"], "distance": DISTANCE}
         return nn_filters.FilterResult(result.keep, result.column, info)
 
-    memo = dup = None
-    if spec.memorisation.enabled:
-        limit = nn_filters.threshold(spec.memorisation, reference, kind)
-        memo = described(
-            nn_filters.memorisation_filter(spec.memorisation, limit, n, usable, synthetic_vectors, real_vectors)
-        )
-    if spec.duplicates.enabled:
-        in_running = (
-            scores.keep_sanity & scores.keep_label & scores.keep_mask & (memo.keep if memo else np.ones(n, bool))
-        )
-        position = np.flatnonzero(in_running[usable])
-        limit = nn_filters.threshold(spec.duplicates, reference, kind)
-        dup = described(
-            nn_filters.duplicate_filter(
-                spec.duplicates, limit, n, usable[position], synthetic_vectors[position], in_running
-            )
-        )
-    return memo, dup
+    memo, dup = filter2d.nearest_neighbour_filters(cfg, paths, train, None, scores, None)
+    return described(memo), described(dup)
 
 
 def centre_crop(volumes: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray | None:
@@ -311,13 +275,6 @@ def judge_slices(volumes: np.ndarray) -> np.ndarray:
     return out.reshape(n * JUDGE_SLICES, 1, side, side)
 
 
-def _real_sources(paths: PipelinePaths, ids: list[str]) -> list[str | None]:
-    """The ``source`` of each real train row ``ids``."""
-    table = read_table(paths.real, columns=["id", "source"], splits=["train"])
-    source_of = dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True))
-    return [source_of.get(row_id) for row_id in ids]
-
-
 def _realism(
     cfg: PipelineConfig,
     paths: PipelinePaths,
@@ -340,7 +297,7 @@ def _realism(
     groups, grouping, note = real_subjects, None, None
     if one_subject:
         side = int(min(train.images.shape[2:]))
-        by_position = position_groups(_real_sources(paths, train.ids), real_subjects, side)
+        by_position = position_groups(filter2d.real_train_column(paths, train.ids, "source"), real_subjects, side)
         if by_position is not None:
             groups, grouping = by_position, "position"
             note = POSITION_NOTE.format(block=POSITION_BLOCK_CUBES * side)
@@ -405,25 +362,15 @@ def filter_volumes(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
         )
     real_shape = tuple(int(d) for d in train.images.shape[1:])
     provenance = read_manifest(paths.real).get("provenance") or {}
-    real_subjects = filter2d._real_subjects(paths, train.ids)
+    real_subjects = filter2d.real_train_column(paths, train.ids, "subject")
     one_subject = bool(provenance.get("patches_of_one_subject")) or len(set(real_subjects)) < 2
     label_info = _label_info(cfg, classes)
     reference = filter2d._real_sanity_reference(cfg, train) if spec.sanity.enabled else None
     mask_ctx, masks_off_reason = _mask_context(cfg, paths, train)
 
     scores, synthetic_subjects = _score(cfg, paths, real_shape, mask_ctx)
-    memo, dup = _nearest_neighbour(cfg, train, real_subjects, scores)
-    keep_memo = memo.keep if memo else np.ones(scores.n, bool)
-    keep_dup = dup.keep if dup else np.ones(scores.n, bool)
-    if memo:
-        scores.columns["q_nn_real_distance"] = memo.column
-    if dup:
-        scores.columns["q_nn_synthetic_distance"] = dup.column
-    keep = scores.keep_sanity & scores.keep_label & scores.keep_mask & keep_memo & keep_dup
-    schema = filter2d.quality_schema(
-        spec.sanity.enabled, False, memo is not None, dup is not None, mask_ctx is not None
-    )
-    filter2d._write_filtered(cfg, paths, schema, scores.columns, keep)
+    memo, dup = _nearest_neighbour(cfg, paths, train, scores)
+    keep = filter2d.keep_and_write(cfg, paths, scores, memo, dup, False, mask_ctx is not None)
 
     set_metrics = None
     if spec.metrics.enabled:
@@ -444,62 +391,28 @@ def filter_volumes(cfg: PipelineConfig, paths: PipelinePaths) -> dict[str, Any]:
             device,
         )
     realism_block = _realism(cfg, paths, train, real_subjects, one_subject, scores, synthetic_subjects, keep, device)
-    per_class = filter2d._count(scores, keep_memo, keep_dup)
-    totals = {k: sum(entry[k] for entry in per_class.values()) for k in filter2d.COUNT_KEYS}
-    kept_fraction = totals["kept"] / totals["generated"] if totals["generated"] else None
-    quality: dict[str, Any] = {
-        "per_class": per_class,
-        "totals": totals,
-        "kept_fraction": kept_fraction,
-        "filters": {
-            "sanity": spec.sanity.model_dump(mode="json"),
-            "label_consistency": label_info,
-            "masks": mask_ctx.info()
-            if mask_ctx
-            else {**spec.masks.model_dump(mode="json"), "active": False, "reason": masks_off_reason},
-            "memorisation": memo.info if memo else None,
-            "duplicates": dup.info if dup else None,
+    return filter2d.finish_quality(
+        cfg,
+        paths,
+        scores,
+        memo,
+        dup,
+        label_info=label_info,
+        mask_info=filter2d.mask_filters_info(cfg, mask_ctx, masks_off_reason),
+        label_classifier=None,
+        real_train_sanity=reference,
+        set_metrics=set_metrics,
+        realism_block=realism_block,
+        extractor_name=(set_metrics or {}).get("extractor", {}).get("name"),
+        label_classifier_val_accuracy=None,
+        extra={
+            "volumes": {
+                "dims": 3,
+                "volume_shape": list(real_shape[1:]),
+                "n_real_train": len(train),
+                "patches_of_one_subject": one_subject,
+                "note": VOLUMES_NOTE if one_subject else None,
+            }
         },
-        "label_classifier": None,
-        "real_train_sanity": reference,
-        "set_metrics": set_metrics,
-        "realism": realism_block,
-        "volumes": {
-            "dims": 3,
-            "volume_shape": list(real_shape[1:]),
-            "n_real_train": len(train),
-            "patches_of_one_subject": one_subject,
-            "note": VOLUMES_NOTE if one_subject else None,
-        },
-    }
-    quality = downstream.round_floats(quality)
-    gate = downstream.round_floats(quality_sets.check_gate(spec.gate, quality))
-    quality["gate"] = gate
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(quality, paths.metrics / "quality.json")
-    logger.info(
-        "filter (volumes): %d generated, %s; %d kept",
-        totals["generated"],
-        ", ".join(f"{k.removeprefix('dropped_')} {totals[k]}" for k in filter2d.COUNT_KEYS if k.startswith("dropped_")),
-        totals["kept"],
-    )
-    if not gate["passed"]:
-        outputs = f"{paths.filtered} and {paths.metrics / 'quality.json'}"
-        raise QualityGateError(quality_sets.gate_message(gate, quality, outputs))
-    kept_overall = ((set_metrics or {}).get("sets") or {}).get("kept") or {}
-    kept_overall = kept_overall.get("overall") or {}
-    return downstream.round_floats(
-        {
-            "per_class": per_class,
-            "totals": totals,
-            "kept_fraction": kept_fraction,
-            "label_classifier_val_accuracy": None,
-            "extractor": (set_metrics or {}).get("extractor", {}).get("name"),
-            "fid": kept_overall.get("fid"),
-            "kid_mean": kept_overall.get("kid_mean"),
-            "extractor_reliable": gate["extractor_reliable"],
-            "two_sample_auc": ((realism_block or {}).get("two_sample") or {}).get("auc"),
-            "realism_passed": gate["realism_passed"],
-            "gate_passed": gate["passed"],
-        }
+        stage="filter (volumes)",
     )

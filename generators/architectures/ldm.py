@@ -483,6 +483,41 @@ def train_autoencoder(
     return autoencoder, scale, result.time_s
 
 
+def training_scheduler(cfg: LdmConfig) -> RFlowScheduler | DDPMScheduler:
+    """The noising scheduler of the diffusion stage: rectified flow or DDPM (``cfg.sampler``)."""
+    if cfg.sampler == "rflow":
+        return RFlowScheduler(num_train_timesteps=cfg.timesteps, use_discrete_timesteps=True)
+    return DDPMScheduler(num_train_timesteps=cfg.timesteps, schedule=cfg.schedule)
+
+
+def latent_diffusion_loss(
+    unet: torch.nn.Module,
+    noising: RFlowScheduler | DDPMScheduler,
+    cfg: LdmConfig,
+    spec: TrainSpec,
+    z: torch.Tensor,
+    ctx: StepContext,
+    class_labels: torch.Tensor | None,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One diffusion-stage loss on scaled latents ``z`` ``(B, C, *latent)``: noise and
+    timesteps from ``ctx`` (logit-normal timesteps for ``rflow_timesteps: logit-normal``),
+    ``condition`` (B, K, *latent) concatenated to the noisy latent when given; MSE of the
+    UNet's output against the velocity ``z - noise`` (rflow) or the noise (ddim). 2D and 3D."""
+    noise = ctx.randn(*z.shape)
+    if cfg.sampler == "rflow" and spec.rflow_timesteps == "logit-normal":
+        timesteps = (torch.sigmoid(ctx.randn(len(z))) * cfg.timesteps).long().clamp_(0, cfg.timesteps - 1)
+    else:
+        timesteps = ctx.randint(cfg.timesteps, len(z))
+    noisy = noising.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
+    if condition is not None:
+        noisy = torch.cat([noisy, condition], dim=1)
+    target = z - noise if cfg.sampler == "rflow" else noise
+    with ctx.autocast():
+        prediction = unet(noisy, timesteps=timesteps, class_labels=class_labels).float()
+    return F.mse_loss(prediction, target)
+
+
 def train_ldm(
     data: TrainingData,
     spec: TrainSpec,
@@ -503,24 +538,11 @@ def train_ldm(
     torch.manual_seed(spec.seed)
     unet = build_unet(cfg)
     opt = make_optimizer(spec, unet, spec.lr_generator)
-    noising = (
-        RFlowScheduler(num_train_timesteps=cfg.timesteps, use_discrete_timesteps=True)
-        if cfg.sampler == "rflow"
-        else DDPMScheduler(num_train_timesteps=cfg.timesteps, schedule=cfg.schedule)
-    )
+    noising = training_scheduler(cfg)
 
     def step(batch: Batch, ctx: StepContext) -> dict[str, float]:
         z = encode_images(autoencoder, batch.images) * scale
-        noise = ctx.randn(*z.shape)
-        if cfg.sampler == "rflow" and spec.rflow_timesteps == "logit-normal":
-            timesteps = (torch.sigmoid(ctx.randn(len(z))) * cfg.timesteps).long().clamp_(0, cfg.timesteps - 1)
-        else:
-            timesteps = ctx.randint(cfg.timesteps, len(z))
-        noisy = noising.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
-        target = z - noise if cfg.sampler == "rflow" else noise
-        with ctx.autocast():
-            prediction = unet(noisy, timesteps=timesteps, class_labels=batch.labels if n_labels else None).float()
-        loss = F.mse_loss(prediction, target)
+        loss = latent_diffusion_loss(unet, noising, cfg, spec, z, ctx, batch.labels if n_labels else None)
         ctx.update(opt, loss, unet)
         return {"loss": float(loss.detach())}
 

@@ -30,7 +30,6 @@ from typing import Callable, ClassVar, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from generators.architectures import autocast, check_label_count, label_indices, load_network, seeded_normal
 from generators.architectures.ldm import (
@@ -39,8 +38,10 @@ from generators.architectures.ldm import (
     LdmSampler,
     decode_latents,
     encode_images,
+    latent_diffusion_loss,
     sample_latents,
     train_autoencoder,
+    training_scheduler,
 )
 from generators.architectures.mask_pool import MaskPool, batch_masks, network_state, pool_state
 from generators.architectures.vae3d import mask_onehot, require_volumes, volume_mask_classes
@@ -175,24 +176,12 @@ def train_ldm3d(
     sampler = Ldm3dSampler(cfg)
     unet = sampler.unet
     opt = make_optimizer(spec, unet, spec.lr_generator)
-    if cfg.sampler == "rflow":
-        noising = RFlowScheduler(num_train_timesteps=cfg.timesteps, use_discrete_timesteps=True)
-    else:
-        noising = DDPMScheduler(num_train_timesteps=cfg.timesteps, schedule=cfg.schedule)
+    noising = training_scheduler(cfg)
 
     def step(batch: Batch, ctx: StepContext) -> dict[str, float]:
         z = encode_images(autoencoder, batch.images) * scale
-        noise = ctx.randn(*z.shape)
-        if cfg.sampler == "rflow" and spec.rflow_timesteps == "logit-normal":
-            t = (torch.sigmoid(ctx.randn(len(z))) * cfg.timesteps).long().clamp_(0, cfg.timesteps - 1)
-        else:
-            t = ctx.randint(cfg.timesteps, len(z))
-        x = noising.add_noise(original_samples=z, noise=noise, timesteps=t)
-        if k and batch.masks is not None:
-            x = torch.cat([x, latent_condition(batch.masks, cfg)], dim=1)
-        with ctx.autocast():
-            out = unet(x, timesteps=t, class_labels=batch.labels if n_labels else None).float()
-        loss = F.mse_loss(out, z - noise if cfg.sampler == "rflow" else noise)
+        condition = latent_condition(batch.masks, cfg) if k and batch.masks is not None else None
+        loss = latent_diffusion_loss(unet, noising, cfg, spec, z, ctx, batch.labels if n_labels else None, condition)
         ctx.update(opt, loss, unet)
         return {"loss": float(loss.detach())}
 
