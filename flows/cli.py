@@ -9,6 +9,8 @@
     synthmed init DIR --from-folder PATH [--task T]             a new project with one pipeline from a folder
     synthmed new-pipeline --from-folder PATH [--task T]         inspect a folder, add a pipeline + its DVC stages
     synthmed export-synthetic --pipeline P --format F --out D   the kept synthetic images as PNG / NIfTI / DICOM
+    synthmed baseline --pipeline P [--push]                     commit P's results as the baseline of dvc exp show
+    synthmed exp-show --pipeline P [DVC exp show args]          dvc exp show: verdict, delta, AUC, changed params
     synthmed generators ...                                     the generator zoo
 
 Errors print one line (``error: ...``) and exit with status 2; no traceback for
@@ -243,6 +245,30 @@ def cmd_export_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from flows.experiments import record_baseline
+
+    done = record_baseline(args.config.parent, args.pipeline, args.config, push=args.push)
+    if done["recorded"]:
+        print(f"committed {done['commit']}: {done['message']}")
+    else:
+        print(f"HEAD ({done['commit']}) already holds these results: nothing to commit")
+    return 0
+
+
+def cmd_exp_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """``dvc exp show`` with :func:`flows.experiments.exp_show_args` (printed first, so it
+    can be typed or changed by hand); further arguments go to DVC unchanged."""
+    import shlex
+    import subprocess
+
+    from flows.experiments import exp_show_args
+
+    dvc_args = [*exp_show_args(args.pipeline), *extra]
+    print("$ dvc " + " ".join(shlex.quote(a) for a in dvc_args), flush=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *dvc_args], cwd=args.config.parent).returncode
+
+
 def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runner",
@@ -369,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export_synthetic)
 
+    baseline = sub.add_parser("baseline", help="commit a pipeline's results as the baseline of dvc exp show")
+    baseline.add_argument("--pipeline", default="demo")
+    baseline.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    baseline.add_argument("--push", action="store_true", help="also dvc push the pipeline's outputs")
+    baseline.set_defaults(func=cmd_baseline)
+
+    exp_show = sub.add_parser(
+        "exp-show",
+        help="dvc exp show for one pipeline: verdict, delta and its interval, AUC, changed params",
+        description="Further arguments (e.g. --md, --sort-by demo.delta, -A) are passed to dvc exp show.",
+    )
+    exp_show.add_argument("--pipeline", default="demo")
+    exp_show.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    exp_show.set_defaults(func=cmd_exp_show, passes_extra=True)
+
     from flows.generators_cli import add_generator_commands
 
     add_generator_commands(sub)
@@ -377,12 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passes_extra", False):
+        parser.parse_args(argv)  # argparse's own one-line error for the unknown arguments (exit 2)
     from tasks.stages import ORDER
 
     configure_console(args.verbose, stages=ORDER)  # one line per event, no library tracebacks (flows/console.py)
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "passes_extra", False) else args.func(args)
     except SynthmedError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever raised it
         return 2

@@ -307,11 +307,12 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON with sorted keys (stable bytes), atomically."""
+def write_json_atomic(data: Any, path: Path, *, sort_keys: bool = True) -> None:
+    """Write JSON atomically: keys sorted (stable bytes), or in the dict's own order when
+    ``sort_keys`` is False (stable when the writer builds its dict in a fixed order)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -6,8 +6,12 @@ keys); declared as DVC metrics they made ``dvc exp show`` 400 columns wide. They
 outputs the report reads. ``summary.json`` holds one object named after the pipeline
 (``{"demo": {...}}``, so DVC's columns read ``demo.delta`` and stay unique when several
 pipelines' summaries are shown together) with about a dozen keys with short names, values
-rounded to 4 decimals, so ``dvc exp show --only-changed`` and ``dvc metrics diff`` fit in a
-terminal:
+rounded to 4 decimals, written in this order (not sorted): DVC shows metric columns in
+the file's order, so the verdict, the delta with its interval and the two-sample AUC come
+first, right after the experiment name (and the first screen of a plain ``dvc exp show``
+holds them). ``dvc metrics diff`` prints one line per changed number;
+``synthmed exp-show`` (flows/experiments.py) is the ``dvc exp show`` view that fits a
+160-column terminal:
 
 - ``verdict``: the report's verdict (``REJECTED`` when the quality gate failed, else the
   retrain verdict, e.g. ``no measurable effect``); ``metric``: the primary metric;
@@ -162,15 +166,15 @@ def build_summary(
     primary = retrain.get("primary_metric")
     delta = _get(retrain, "delta", primary) if primary else None
     kept = _get(quality, "set_metrics", "sets", "kept", "overall")
-    return {
+    return {  # this order is the order of DVC's columns: the answer first
         "verdict": verdict,
-        "metric": primary,
         "delta": _num(_get(delta, "mean")),
         "delta_lo": _num(_get(delta, "ci95_low")),
         "delta_hi": _num(_get(delta, "ci95_high")),
+        "auc": _num(_get(quality, "realism", "two_sample", "auc")),
+        "metric": primary,
         "real": _num(_get(retrain, "real_only", primary, "mean")) if primary else None,
         "aug": _num(_get(retrain, "augmented", primary, "mean")) if primary else None,
-        "auc": _num(_get(quality, "realism", "two_sample", "auc")),
         "fid": _num(_get(kept, "fid")),
         "extractor": _get(quality, "set_metrics", "extractor", "name"),
         "kept": _num(quality.get("kept_fraction")),
@@ -257,7 +261,7 @@ def write_summary(
     write_text_atomic(_csv(["class", "auc", "lo", "hi"], realism_rows(quality)), realism)
     history = training_rows(paths.generator / "history.csv", losses)
     write_text_atomic(_csv(["epoch", *losses], history), training)
-    write_json_atomic({paths.pipeline: summary}, summary_path(paths))
+    write_json_atomic({paths.pipeline: summary}, summary_path(paths), sort_keys=False)
     log.info("summary: %s (verdict: %s, delta %s)", summary_path(paths), verdict, summary["delta"])
     return summary
 

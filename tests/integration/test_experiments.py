@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
-from tests.integration.helpers import FAST, cli, copy_project
+from tests.integration.helpers import FAST, base_env, cli, copy_project
 
 pytestmark = pytest.mark.integration
 PARAM = "pipelines.tiny.synthesis.count_per_class"
@@ -60,7 +61,6 @@ def test_exp_run_with_a_changed_count_and_compare(tiny_repro, tmp_path):
 
 # --------------------------------------------------------------------------- a queued sweep
 TERMINAL = 160
-SHOW_DROP = ".*/|Created|State|Executor"  # DVC matches from the start of the column name
 
 
 def _summary(root) -> dict:
@@ -103,19 +103,26 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
             assert summary["n_syn"] is not None and summary["verdict"], summary
     assert sorted(names) == list(counts), names
 
-    # the changed columns: the swept param and the headline numbers (docs/experiments.md:
-    # DVC's columns of changed data deps, 36-character hashes, and the queue's State and
-    # Executor are dropped; verdict and delta are kept even when no experiment changed them)
-    table = cli(
-        ["dvc", "exp", "show", "--only-changed", "--drop", SHOW_DROP, "--keep", r"^tiny\.(verdict|delta)$"], root
-    )
-    width = max(len(line.rstrip()) for line in table.splitlines())
+    # `synthmed exp-show` (the dvc exp show view, flows/experiments.py): the experiment, its
+    # verdict, delta (and interval) and AUC, the swept param; no data-dependency hashes
+    table = cli(["synthmed", "exp-show", "--pipeline", "tiny"], root)
+    command, *lines = table.splitlines()
+    assert command.startswith("$ dvc exp show --only-changed"), command  # what it ran, to retype
+    width = max(len(line.rstrip()) for line in lines)
     assert width <= TERMINAL, f"{width} columns:\n{table}"
-    header = next(line for line in table.splitlines() if "Experiment" in line)
+    header = next(line for line in lines if "Experiment" in line)
     assert "tiny.verdict" in header and "tiny.delta" in header and PARAM in header, header
+    assert "data/" not in header and "Created" not in header, header
     for name in names.values():
-        row = next(line for line in table.splitlines() if f"[{name}]" in line)
+        row = next(line for line in lines if f"[{name}]" in line)
         assert any(v in row for v in ("no measurable effect", "helps", "hurts", "REJECTED", "not tested")), row
+    # plain `dvc exp show --only-changed` is wider (a hash column per changed data dependency),
+    # but summary.json's order puts its changed headline numbers on the first 160-column
+    # screen, right after DVC's own columns (verdict too, when it differs between rows)
+    plain = cli(["dvc", "exp", "show", "--only-changed"], root).splitlines()
+    plain_header = next(line for line in plain if "Experiment" in line)
+    shown = [word for word in plain_header.split() if word.startswith("tiny.")]
+    assert "tiny.delta" in shown and all(word in plain_header[:TERMINAL] for word in shown), plain_header
     metrics_diff = cli(["dvc", "metrics", "diff", "--all"], root)
     assert max(len(line.rstrip()) for line in metrics_diff.splitlines()) <= TERMINAL, metrics_diff
 
@@ -132,3 +139,47 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
         expected = {(line.split(",")[0], float(line.split(",")[1])) for line in own}
         rendered = {(row["class"], float(row["auc"])) for row in rows if row["rev"] == name}
         assert rendered == expected, (count, rendered, expected)
+
+
+# --------------------------------------------------------------------------- a baseline
+def test_synthmed_baseline_commits_what_dvc_exp_show_compares_with(tiny_repro, tmp_path):
+    """Issue 19's baseline: a project whose results were never committed has an all-`!`
+    baseline row; `synthmed baseline` commits dvc.lock and metrics/<p> (nothing else), the
+    row then holds the run's summary, a second call commits nothing, and uncommitted code
+    is refused in one line with nothing committed."""
+    root = copy_project(tiny_repro, tmp_path / "base")
+    cli(["git", "rm", "-q", "-r", "--cached", "dvc.lock", "metrics/tiny"], root)
+    cli(["git", "commit", "-q", "-m", "results not committed"], root)
+
+    def baseline_summary():
+        shown = json.loads(cli(["dvc", "exp", "show", "--json"], root))
+        row = next(rev for rev in shown if rev.get("rev") != "workspace")
+        return (row["data"]["metrics"].get("metrics/tiny/summary.json") or {}).get("data")
+
+    assert baseline_summary() is None  # the `!` row
+    out = cli(["synthmed", "baseline", "--pipeline", "tiny"], root)
+    assert "committed" in out, out
+    subject = cli(["git", "log", "-1", "--format=%s"], root).strip()
+    assert subject.startswith(f"baseline: tiny ({_summary(root)['verdict']}"), subject
+    committed = set(cli(["git", "show", "--name-only", "--format=", "HEAD"], root).split())
+    assert {"dvc.lock", "metrics/tiny/summary.json", "metrics/tiny/quality.json"} <= committed, committed
+    assert not any(path.startswith(("data/", "models/")) and not path.endswith(".gitignore") for path in committed)
+    committed_summary = {k: v for k, v in baseline_summary()["tiny"].items() if v is not None}
+    assert committed_summary == {k: v for k, v in _summary(root).items() if v is not None}  # DVC drops nulls
+    assert "up to date" in cli(["dvc", "status"], root)
+
+    again = cli(["synthmed", "baseline", "--pipeline", "tiny"], root)
+    assert "nothing to commit" in again, again
+
+    head = cli(["git", "rev-parse", "HEAD"], root)
+    (root / "notes.py").write_text("x = 1\n")
+    cli(["git", "add", "notes.py"], root)
+    cli(["git", "commit", "-q", "-m", "code"], root)
+    (root / "notes.py").write_text("x = 2\n")
+    proc = subprocess.run(
+        ["synthmed", "baseline", "--pipeline", "tiny"], cwd=root, env=base_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and "uncommitted changes" in error[0] and "notes.py" in error[0], error
+    assert cli(["git", "rev-parse", "HEAD~1"], root) == head  # only the "code" commit was added

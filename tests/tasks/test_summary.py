@@ -85,6 +85,9 @@ def test_write_summary_and_plot_files(tmp_path):
 
     summary = write_summary(cfg, paths, "no measurable effect", RETRAIN)
     assert json.loads((paths.metrics / "summary.json").read_text()) == {"p": summary}
+    # DVC shows metric columns in the file's order: the answer first (flows/experiments.py)
+    in_file = list(json.loads((paths.metrics / "summary.json").read_text())["p"])
+    assert in_file[:5] == ["verdict", "delta", "delta_lo", "delta_hi", "auc"], in_file
     assert summary["generator"] == "me/p-vae@1.0.0"
     files = {p.name: list(csv.DictReader(p.open())) for p in outputs(paths)[1:]}
     assert [r["ratio"] for r in files["ratio_sweep.csv"]] == ["0.0", "1.0"]
