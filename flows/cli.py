@@ -11,6 +11,7 @@
     synthmed export-synthetic --pipeline P --format F --out D   the kept synthetic images as PNG / NIfTI / DICOM
     synthmed baseline --pipeline P [--push]                     commit P's results as the baseline of dvc exp show
     synthmed exp-show --pipeline P [DVC exp show args]          dvc exp show: verdict, delta, AUC, changed params
+    synthmed exp-diff [A [B]] --pipeline P                      dvc metrics diff + dvc plots diff of P's files
     synthmed generators ...                                     the generator zoo
 
 Errors print one line (``error: ...``) and exit with status 2; no traceback for
@@ -269,6 +270,25 @@ def cmd_exp_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return subprocess.run([sys.executable, "-m", "dvc", *dvc_args], cwd=args.config.parent).returncode
 
 
+def cmd_exp_diff(args: argparse.Namespace) -> int:
+    """``dvc metrics diff`` then ``dvc plots diff`` (:func:`flows.experiments.exp_diff_args`),
+    each printed before it runs; the first failure's exit status is returned."""
+    import shlex
+    import subprocess
+
+    from flows.experiments import exp_diff_args
+
+    if len(args.revs) > 2:
+        raise ConfigError(f"exp-diff compares at most two revisions, got {len(args.revs)}: {' '.join(args.revs)}")
+    out_dir = args.out or f"dvc_plots/{args.pipeline}"
+    for dvc_args in exp_diff_args(args.pipeline, args.revs, out_dir):
+        print("$ dvc " + " ".join(shlex.quote(a) for a in dvc_args), flush=True)
+        code = subprocess.run([sys.executable, "-m", "dvc", *dvc_args], cwd=args.config.parent).returncode
+        if code != 0:
+            return code
+    return 0
+
+
 def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runner",
@@ -409,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp_show.add_argument("--pipeline", default="demo")
     exp_show.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
     exp_show.set_defaults(func=cmd_exp_show, passes_extra=True)
+
+    exp_diff = sub.add_parser(
+        "exp-diff", help="dvc metrics diff and dvc plots diff of one pipeline's summary and plots"
+    )
+    exp_diff.add_argument("revs", nargs="*", help="0-2 experiments or git revisions (DVC's defaults: HEAD, workspace)")
+    exp_diff.add_argument("--pipeline", default="demo")
+    exp_diff.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    exp_diff.add_argument("-o", "--out", default=None, help="HTML folder (default: dvc_plots/<pipeline>)")
+    exp_diff.set_defaults(func=cmd_exp_diff)
 
     from flows.generators_cli import add_generator_commands
 

@@ -10,7 +10,9 @@ commit``) and commits exactly the files a baseline needs.
 :func:`exp_show_args` (``synthmed exp-show``) is the ``dvc exp show`` view of one
 pipeline: the experiment, its verdict, the primary delta with its 95% interval, the
 two-sample AUC and the params that changed. The other headline numbers (real-only and
-augmented means, FID, kept fraction, counts, generator) are in ``dvc metrics diff``.
+augmented means, FID, kept fraction, counts, generator) are in ``dvc metrics diff``;
+:func:`exp_diff_args` (``synthmed exp-diff``) runs it and ``dvc plots diff`` for one
+pipeline.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from flows.versioning import dvc, pipeline_stages, repo_lock
 from generators.errors import ConfigError, SynthmedError
 from tasks.paths import PipelinePaths
-from tasks.summary import summary_path
+from tasks.summary import plot_ids, summary_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,18 @@ def exp_show_args(pipeline: str) -> list[str]:
     leaves only the params that differ between experiments."""
     keep = rf"Experiment$|{re.escape(pipeline)}\.({'|'.join(SHOWN_METRICS)})$"
     return ["exp", "show", "--only-changed", "--drop", r"(?!pipelines\.)", "--keep", keep]
+
+
+def exp_diff_args(pipeline: str, revs: list[str], out_dir: str) -> list[list[str]]:
+    """``dvc metrics diff`` and ``dvc plots diff`` of ``revs`` (experiment names or git
+    revisions: none = the last commit vs the workspace, one = it vs the workspace), limited
+    to this pipeline's summary and plots: without targets DVC also tries every other
+    pipeline's files and warns "failed to load some metrics/plots" for each one not run."""
+    summary = f"metrics/{pipeline}/summary.json"
+    return [
+        ["metrics", "diff", *revs, "--targets", summary],
+        ["plots", "diff", *revs, "--targets", *plot_ids(pipeline), "-o", out_dir],
+    ]
 
 
 def _git(root: Path, *args: str) -> str:

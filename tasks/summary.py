@@ -68,6 +68,15 @@ TRAINING_LOSSES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the DVC plot ids of a pipeline ``p`` are ``p/<name>`` (:func:`plot_definitions`)
+PLOT_NAMES = ("ratio-sweep", "low-data", "realism", "training")
+
+
+def plot_ids(pipeline: str) -> list[str]:
+    """``dvc plots`` targets of one pipeline, in :func:`plot_definitions`'s order."""
+    return [f"{pipeline}/{name}" for name in PLOT_NAMES]
+
+
 def summary_path(paths: PipelinePaths) -> Path:
     return paths.metrics / SUMMARY_NAME
 
@@ -97,7 +106,7 @@ def plot_definitions(cfg: PipelineConfig, paths: PipelinePaths) -> list[dict[str
     name = paths.pipeline
     return [
         {
-            f"{name}/ratio-sweep": {
+            f"{name}/{PLOT_NAMES[0]}": {
                 "title": f"{name}: {metric} vs synthetic:real ratio",
                 "template": "linear",
                 "x": "ratio",
@@ -107,7 +116,7 @@ def plot_definitions(cfg: PipelineConfig, paths: PipelinePaths) -> list[dict[str
             }
         },
         {
-            f"{name}/low-data": {
+            f"{name}/{PLOT_NAMES[1]}": {
                 "title": f"{name}: real only vs real + synthetic, low-data regime",
                 "template": "linear",
                 "x": "fraction",
@@ -117,7 +126,7 @@ def plot_definitions(cfg: PipelineConfig, paths: PipelinePaths) -> list[dict[str
             }
         },
         {
-            f"{name}/realism": {
+            f"{name}/{PLOT_NAMES[2]}": {
                 "title": f"{name}: two-sample AUC per class",
                 "template": "bar_horizontal",
                 "x": "auc",
@@ -127,7 +136,7 @@ def plot_definitions(cfg: PipelineConfig, paths: PipelinePaths) -> list[dict[str
             }
         },
         {
-            f"{name}/training": {
+            f"{name}/{PLOT_NAMES[3]}": {
                 "title": f"{name}: generator training losses",
                 "template": "linear",
                 "x": "epoch",

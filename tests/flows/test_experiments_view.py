@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from flows.cli import main
-from flows.experiments import SHOWN_METRICS, baseline_paths, exp_show_args, record_baseline
+from flows.experiments import SHOWN_METRICS, baseline_paths, exp_diff_args, exp_show_args, record_baseline
 from generators.errors import ConfigError, SynthmedError
 
 
@@ -67,3 +67,12 @@ def test_baseline_needs_the_pipelines_file_inside_the_project_and_a_report_stage
     (root / "dvc.yaml").write_text("stages: {}\n")
     with pytest.raises(ConfigError, match="no report stage"):
         record_baseline(root, "demo", root / "pipelines.yaml")
+
+
+def test_exp_diff_targets_one_pipelines_files_and_takes_at_most_two_revisions(capsys):
+    metrics, plots = exp_diff_args("demo-3d", ["a", "b"], "out")
+    assert metrics == ["metrics", "diff", "a", "b", "--targets", "metrics/demo-3d/summary.json"]
+    assert plots[:4] == ["plots", "diff", "a", "b"] and plots[-2:] == ["-o", "out"]
+    assert [t for t in plots[5:-2]] == [f"demo-3d/{n}" for n in ("ratio-sweep", "low-data", "realism", "training")]
+    assert main(["exp-diff", "a", "b", "c"]) == 2
+    assert "at most two revisions" in capsys.readouterr().err

@@ -127,7 +127,9 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
     assert max(len(line.rstrip()) for line in metrics_diff.splitlines()) <= TERMINAL, metrics_diff
 
     out = tmp_path / "plots"
-    cli(["dvc", "plots", "diff", names[counts[0]], names[counts[1]], "-o", str(out)], root)
+    diff = cli(["synthmed", "exp-diff", names[counts[0]], names[counts[1]], "--pipeline", "tiny", "-o", str(out)], root)
+    assert "$ dvc metrics diff" in diff and "$ dvc plots diff" in diff and "tiny.n_syn" in diff, diff
+    assert "failed to load" not in diff, diff  # only this pipeline's files are asked for
     html = (out / "index.html").read_text()
     rows = _plot_rows(html, {"class", "auc"})  # the tiny/realism plot
     revs = {row["rev"] for row in rows}
