@@ -50,9 +50,10 @@ Dice and HD95 (voxels) are means over the foreground classes, and ``retrain.json
 patches of one subject (copied from the real manifest), and per-class Dice/HD95 per setting.
 The statements then count test volumes.
 
-Writes to ``paths.metrics``: ``retrain.json`` (DVC metrics; sweep results under
-``ratio_sweep`` and ``low_data``), ``retrain_seeds.csv`` (DVC plot: one row per seed and
-setting), ``retrain_ratios.csv`` (one row per ratio and sweep seed) and
+Writes to ``paths.metrics`` (DVC outputs kept in git, tasks/stages.py): ``retrain.json``
+(what the report reads; sweep results under ``ratio_sweep`` and ``low_data``),
+``retrain_seeds.csv`` (one row per seed and setting), ``retrain_ratios.csv`` (one row per
+ratio and sweep seed) and
 ``retrain_fractions.csv`` (one row per fraction and sweep seed, both settings; empty
 cells for runs not trained); a sweep that is off writes its CSV header only, so the DVC
 outputs always exist.

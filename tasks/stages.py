@@ -145,7 +145,7 @@ STAGES: dict[str, Stage] = {
             "retrain",
             "tasks.retrain:retrain",
             lambda p, c: [p.real, p.filtered],
-            lambda p: [p.metrics / "retrain_seeds.csv"],
+            lambda p: [p.metrics / name for name in UNCACHED_OUTS],
             ("seed", "threads", "retrain"),
             lambda p: [p.metrics / "retrain.json"],
             code=(
@@ -184,7 +184,8 @@ STAGES: dict[str, Stage] = {
 ORDER: tuple[str, ...] = tuple(STAGES)
 
 
-UNCACHED_OUTS = ("retrain_seeds.csv",)  # small outputs kept in git (cache: false), like the metrics files
+#: retrain's small per-run tables, kept in git (cache: false) like the metrics files
+UNCACHED_OUTS = ("retrain_seeds.csv", "retrain_ratios.csv", "retrain_fractions.csv")
 
 
 def _params(pipeline: str, stage: Stage, present: set[str] | None) -> list[dict[str, list[str]]]:
