@@ -281,6 +281,7 @@ def cmd_exp_diff(args: argparse.Namespace) -> int:
     if len(args.revs) > 2:
         raise ConfigError(f"exp-diff compares at most two revisions, got {len(args.revs)}: {' '.join(args.revs)}")
     out_dir = args.out or f"dvc_plots/{args.pipeline}"
+    (args.config.parent / out_dir).mkdir(parents=True, exist_ok=True)  # DVC fails when the parent is missing
     for dvc_args in exp_diff_args(args.pipeline, args.revs, out_dir):
         print("$ dvc " + " ".join(shlex.quote(a) for a in dvc_args), flush=True)
         code = subprocess.run([sys.executable, "-m", "dvc", *dvc_args], cwd=args.config.parent).returncode

@@ -126,7 +126,7 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
     metrics_diff = cli(["dvc", "metrics", "diff", "--all"], root)
     assert max(len(line.rstrip()) for line in metrics_diff.splitlines()) <= TERMINAL, metrics_diff
 
-    out = tmp_path / "plots"
+    out = tmp_path / "html" / "plots"  # a parent that does not exist yet (DVC alone fails there)
     diff = cli(["synthmed", "exp-diff", names[counts[0]], names[counts[1]], "--pipeline", "tiny", "-o", str(out)], root)
     assert "$ dvc metrics diff" in diff and "$ dvc plots diff" in diff and "tiny.n_syn" in diff, diff
     assert "failed to load" not in diff, diff  # only this pipeline's files are asked for
