@@ -258,16 +258,24 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_exp_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    """``dvc exp show`` with :func:`flows.experiments.exp_show_args` (printed first, so it
-    can be typed or changed by hand); further arguments go to DVC unchanged."""
+    """:func:`flows.experiments.show_table`: the ``dvc exp show`` command (printed first, so
+    it can be typed or changed by hand) and its table, within ``--width`` columns (the
+    terminal's, or 160 when not a terminal) when it can be; further arguments go to DVC."""
     import shlex
-    import subprocess
+    import shutil
 
-    from flows.experiments import exp_show_args
+    from flows.experiments import show_table
 
-    dvc_args = [*exp_show_args(args.pipeline), *extra]
-    print("$ dvc " + " ".join(shlex.quote(a) for a in dvc_args), flush=True)
-    return subprocess.run([sys.executable, "-m", "dvc", *dvc_args], cwd=args.config.parent).returncode
+    width = args.width or (shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160)
+    shown = show_table(args.config.parent, args.pipeline, width, list(extra))
+    print("$ dvc " + " ".join(shlex.quote(a) for a in shown.args), flush=True)
+    sys.stdout.write(shown.stdout)
+    sys.stderr.write(shown.stderr)
+    if shown.returncode == 0 and shown.left_out:
+        print(f"(left out to fit {width} columns: {', '.join(shown.left_out)}; see synthmed exp-diff)")
+    if shown.returncode == 0 and shown.width > width:
+        print(f"({shown.width} columns, wider than {width}: each swept param adds a column)")
+    return shown.returncode
 
 
 def cmd_exp_diff(args: argparse.Namespace) -> int:
@@ -429,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp_show.add_argument("--pipeline", default="demo")
     exp_show.add_argument("--config", type=_config_path, default=_config_path("pipelines.yaml"))
+    exp_show.add_argument(
+        "--width", type=_positive_int, default=None, help="columns to fit (default: the terminal's, else 160)"
+    )
     exp_show.set_defaults(func=cmd_exp_show, passes_extra=True)
 
     exp_diff = sub.add_parser(

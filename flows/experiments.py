@@ -22,6 +22,7 @@ import logging
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,46 @@ log = logging.getLogger(__name__)
 SHOWN_METRICS = ("verdict", "delta", "delta_lo", "delta_hi", "auc")
 
 
-def exp_show_args(pipeline: str) -> list[str]:
+def exp_show_args(pipeline: str, shown: tuple[str, ...] = SHOWN_METRICS) -> list[str]:
     """Arguments of ``dvc exp show`` for one pipeline's comparison table.
 
     ``--drop '(?!pipelines\\.)'`` drops every column that is not a ``pipelines.yaml`` param
     (DVC matches drop/keep patterns from the start of a column name): DVC's creation time,
     queue bookkeeping, one 32-36 character hash per changed data dependency, and headline
-    numbers not listed in :data:`SHOWN_METRICS`; ``--keep`` protects the experiment name and
-    those numbers, even when every experiment has the same value; ``--only-changed`` then
-    leaves only the params that differ between experiments."""
-    keep = rf"Experiment$|{re.escape(pipeline)}\.({'|'.join(SHOWN_METRICS)})$"
+    numbers not in ``shown``; ``--keep`` protects the experiment name and ``shown``, even
+    when every experiment has the same value; ``--only-changed`` then leaves only the
+    params that differ between experiments."""
+    keep = rf"Experiment$|{re.escape(pipeline)}\.({'|'.join(shown)})$"
     return ["exp", "show", "--only-changed", "--drop", r"(?!pipelines\.)", "--keep", keep]
+
+
+@dataclass
+class ShownTable:
+    """What :func:`show_table` ran and printed."""
+
+    args: list[str]  # the dvc arguments of the table printed
+    returncode: int
+    stdout: str
+    stderr: str
+    width: int  # columns of the widest line printed
+    left_out: list[str]  # headline columns left out to fit
+
+
+def show_table(root: Path, pipeline: str, max_width: int, extra: list[str] | tuple[str, ...] = ()) -> ShownTable:
+    """Run ``dvc exp show`` with :func:`exp_show_args` (and ``extra``, passed to DVC
+    unchanged) and return its output; when the table is wider than ``max_width`` (a long
+    pipeline name or verdict, several swept params), run it again without the AUC, then
+    without the delta's interval, and say what was left out (``dvc metrics diff`` has it).
+    The output is captured, so DVC prints the whole table (no pager), never squeezed."""
+    left_out: list[str] = []
+    for shown in (SHOWN_METRICS, SHOWN_METRICS[:4], SHOWN_METRICS[:2]):
+        args = [*exp_show_args(pipeline, shown), *extra]
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+        width = max((len(line.rstrip()) for line in proc.stdout.splitlines()), default=0)
+        left_out = [f"{pipeline}.{key}" for key in SHOWN_METRICS if key not in shown]
+        if proc.returncode != 0 or width <= max_width:
+            break
+    return ShownTable(args, proc.returncode, proc.stdout, proc.stderr, width, left_out)
 
 
 def exp_diff_args(pipeline: str, revs: list[str], out_dir: str) -> list[list[str]]:
@@ -116,13 +146,18 @@ def record_baseline(root: Path, pipeline: str, config: Path, *, push: bool = Fal
         raise SynthmedError(f"{root} is not a git + DVC project (`git init && dvc init` there first)")
     paths = baseline_paths(root, pipeline, config)
     report = _report_stage(root, pipeline)
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
+        raise SynthmedError(
+            f"{root} has no git commit yet: commit the project first (`git add -A && git commit -m project`: "
+            "DVC keeps the data out of git), then record the baseline"
+        )
     status = _git(root, "status", "--porcelain", "--untracked-files=no").splitlines()
     own = tuple(paths)
     dirty = [line[3:] for line in status if not any(line[3:] == p or line[3:].startswith(p + "/") for p in own)]
     if dirty:
         raise SynthmedError(
             f"{len(dirty)} tracked file(s) have uncommitted changes (first: {dirty[0]}); commit or stash them "
-            "first: the baseline's dvc.lock hashes the code it ran"
+            f"first: a baseline commits only {', '.join(paths)}, and its dvc.lock must describe committed code"
         )
     with repo_lock(root):
         # streamed, not captured: a pipeline that was never run trains and retrains here

@@ -67,6 +67,10 @@ def test_baseline_needs_the_pipelines_file_inside_the_project_and_a_report_stage
     (root / "dvc.yaml").write_text("stages: {}\n")
     with pytest.raises(ConfigError, match="no report stage"):
         record_baseline(root, "demo", root / "pipelines.yaml")
+    (root / "dvc.yaml").write_text("stages:\n  report-demo: {cmd: synthmed stage report --pipeline demo}\n")
+    with pytest.raises(SynthmedError, match="no git commit yet: commit the project first"):
+        record_baseline(root, "demo", root / "pipelines.yaml")
+    assert subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=root).returncode != 0  # still none
 
 
 def test_exp_diff_targets_one_pipelines_files_and_takes_at_most_two_revisions(capsys):

@@ -116,6 +116,11 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
     for name in names.values():
         row = next(line for line in lines if f"[{name}]" in line)
         assert any(v in row for v in ("no measurable effect", "helps", "hurts", "REJECTED", "not tested")), row
+    # narrower than the table: the AUC (then the interval) is left out, and the output says so
+    narrow = cli(["synthmed", "exp-show", "--pipeline", "tiny", "--width", str(width - 1)], root).splitlines()
+    assert max(len(line.rstrip()) for line in narrow[1:]) <= width - 1, "\n".join(narrow)
+    assert "tiny.auc" not in narrow[0] and "tiny\\.(verdict|delta" in narrow[0], narrow[0]
+    assert narrow[-1].startswith(f"(left out to fit {width - 1} columns: ") and "tiny.auc" in narrow[-1], narrow[-1]
     # plain `dvc exp show --only-changed` is wider (a hash column per changed data dependency),
     # but summary.json's order puts its changed headline numbers on the first 160-column
     # screen, right after DVC's own columns (verdict too, when it differs between rows)
