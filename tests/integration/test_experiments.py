@@ -4,6 +4,7 @@ baseline commit."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -89,7 +90,9 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
     baseline = _summary(root)
     assert {"verdict", "delta", "delta_lo", "delta_hi", "auc", "fid", "kept", "n_real", "n_syn"} <= set(baseline)
     counts = (4, 9)
-    cli(["dvc", "exp", "run", "--queue", "-S", f"pipelines.yaml:{PARAM}={counts[0]},{counts[1]}"], root)
+    # both experiments also run a two-point ratio sweep, so the HTML has curves to compare
+    ratios = "pipelines.yaml:+pipelines.tiny.retrain.ratios=[0.0,1.0]"  # + : a key the file lacks
+    cli(["dvc", "exp", "run", "--queue", "-S", f"pipelines.yaml:{PARAM}={counts[0]},{counts[1]}", "-S", ratios], root)
     cli(["dvc", "exp", "run", "--run-all", "-j", "1"], root, timeout_s=1500)
 
     shown = json.loads(cli(["dvc", "exp", "show", "--json"], root))
@@ -139,13 +142,20 @@ def test_queued_two_value_sweep_fits_a_terminal_and_plots_diff_overlays_both(tin
     rows = _plot_rows(html, {"class", "auc"})  # the tiny/realism plot
     revs = {row["rev"] for row in rows}
     assert {names[counts[0]], names[counts[1]]} <= revs, revs
-    # the rendered numbers are each experiment's own realism.csv
+    curve = _plot_rows(html, {"ratio", "mean"})  # the tiny/ratio-sweep curve of each experiment
+    assert {names[counts[0]], names[counts[1]]} <= {row["rev"] for row in curve}, curve
+    # the rendered numbers are each experiment's own realism.csv and ratio_sweep.csv
     for count, name in names.items():
         cli(["dvc", "exp", "apply", name], root)
         own = (root / "metrics" / "tiny" / "plots" / "realism.csv").read_text().splitlines()[1:]
         expected = {(line.split(",")[0], float(line.split(",")[1])) for line in own}
         rendered = {(row["class"], float(row["auc"])) for row in rows if row["rev"] == name}
         assert rendered == expected, (count, rendered, expected)
+        sweep = list(csv.DictReader((root / "metrics" / "tiny" / "plots" / "ratio_sweep.csv").open()))
+        assert [float(r["ratio"]) for r in sweep] == [0.0, 1.0], sweep
+        own_curve = {(float(r["ratio"]), float(r["mean"])) for r in sweep}
+        drawn = {(float(row["ratio"]), float(row["mean"])) for row in curve if row["rev"] == name}
+        assert drawn == own_curve, (count, drawn, own_curve)
 
 
 # --------------------------------------------------------------------------- a baseline
