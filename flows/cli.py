@@ -248,6 +248,9 @@ def cmd_export_synthetic(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from flows.experiments import record_baseline
+    from tasks.config import load_pipeline
+
+    load_pipeline(args.pipeline, args.config)  # an unknown pipeline or a bad config: one line, nothing run
 
     done = record_baseline(args.config.parent, args.pipeline, args.config, push=args.push)
     if done["recorded"]:
@@ -265,7 +268,9 @@ def cmd_exp_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     import shutil
 
     from flows.experiments import show_table
+    from tasks.config import load_pipeline
 
+    load_pipeline(args.pipeline, args.config)  # an unknown pipeline: one line naming the known ones
     width = args.width or (shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160)
     shown = show_table(args.config.parent, args.pipeline, width, list(extra))
     print("$ dvc " + " ".join(shlex.quote(a) for a in shown.args), flush=True)
@@ -285,7 +290,9 @@ def cmd_exp_diff(args: argparse.Namespace) -> int:
     import subprocess
 
     from flows.experiments import exp_diff_args
+    from tasks.config import load_pipeline
 
+    load_pipeline(args.pipeline, args.config)
     if len(args.revs) > 2:
         raise ConfigError(f"exp-diff compares at most two revisions, got {len(args.revs)}: {' '.join(args.revs)}")
     out_dir = args.out or f"dvc_plots/{args.pipeline}"

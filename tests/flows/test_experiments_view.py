@@ -4,13 +4,17 @@ run (the real sweep and baseline run in tests/integration/test_experiments.py)."
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from flows.cli import main
 from flows.experiments import SHOWN_METRICS, baseline_paths, exp_diff_args, exp_show_args, record_baseline
 from generators.errors import ConfigError, SynthmedError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _patterns(pipeline: str) -> tuple[re.Pattern, re.Pattern]:
@@ -35,7 +39,7 @@ def test_the_view_drops_everything_but_params_and_keeps_the_answer(pipeline):
 
 
 def test_exp_show_prints_the_command_and_passes_extra_arguments_to_dvc(tmp_path, capsys):
-    (tmp_path / "pipelines.yaml").write_text("pipelines: {}\n")
+    shutil.copy(REPO / "pipelines.yaml", tmp_path / "pipelines.yaml")
     code = main(["exp-show", "--pipeline", "demo", "--config", str(tmp_path / "pipelines.yaml"), "--md"])
     printed = capsys.readouterr().out.splitlines()[0]
     assert printed.startswith("$ dvc exp show --only-changed --drop") and printed.endswith("--md"), printed
@@ -80,3 +84,10 @@ def test_exp_diff_targets_one_pipelines_files_and_takes_at_most_two_revisions(ca
     assert [t for t in plots[5:-2]] == [f"demo-3d/{n}" for n in ("ratio-sweep", "low-data", "realism", "training")]
     assert main(["exp-diff", "a", "b", "c"]) == 2
     assert "at most two revisions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["baseline", "exp-show", "exp-diff"])
+def test_an_unknown_pipeline_is_one_line_naming_the_known_ones(command, capsys):
+    assert main([command, "--pipeline", "nope", "--config", str(REPO / "pipelines.yaml")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no pipeline named 'nope'; known: " in error[0] and "demo" in error[0], error
