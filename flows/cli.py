@@ -264,16 +264,15 @@ def cmd_exp_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """:func:`flows.experiments.show_table`: the ``dvc exp show`` command (printed first, so
     it can be typed or changed by hand) and its table, within ``--width`` columns (the
     terminal's, or 160 when not a terminal) when it can be; further arguments go to DVC."""
-    import shlex
     import shutil
 
-    from flows.experiments import show_table
+    from flows.experiments import command_line, show_table
     from tasks.config import load_pipeline
 
     load_pipeline(args.pipeline, args.config)  # an unknown pipeline: one line naming the known ones
     width = args.width or (shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160)
     shown = show_table(args.config.parent, args.pipeline, width, list(extra))
-    print("$ dvc " + " ".join(shlex.quote(a) for a in shown.args), flush=True)
+    print(command_line(shown.args), flush=True)
     sys.stdout.write(shown.stdout)
     sys.stderr.write(shown.stderr)
     if shown.returncode == 0 and shown.left_out:
@@ -286,10 +285,9 @@ def cmd_exp_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def cmd_exp_diff(args: argparse.Namespace) -> int:
     """``dvc metrics diff`` then ``dvc plots diff`` (:func:`flows.experiments.exp_diff_args`),
     each printed before it runs; the first failure's exit status is returned."""
-    import shlex
     import subprocess
 
-    from flows.experiments import exp_diff_args
+    from flows.experiments import command_line, exp_diff_args
     from tasks.config import load_pipeline
 
     load_pipeline(args.pipeline, args.config)
@@ -298,7 +296,7 @@ def cmd_exp_diff(args: argparse.Namespace) -> int:
     out_dir = args.out or f"dvc_plots/{args.pipeline}"
     (args.config.parent / out_dir).mkdir(parents=True, exist_ok=True)  # DVC fails when the parent is missing
     for dvc_args in exp_diff_args(args.pipeline, args.revs, out_dir):
-        print("$ dvc " + " ".join(shlex.quote(a) for a in dvc_args), flush=True)
+        print(command_line(dvc_args), flush=True)
         code = subprocess.run([sys.executable, "-m", "dvc", *dvc_args], cwd=args.config.parent).returncode
         if code != 0:
             return code

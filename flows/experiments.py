@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -84,11 +85,16 @@ def exp_diff_args(pipeline: str, revs: list[str], out_dir: str) -> list[list[str
     revisions: none = the last commit vs the workspace, one = it vs the workspace), limited
     to this pipeline's summary and plots: without targets DVC also tries every other
     pipeline's files and warns "failed to load some metrics/plots" for each one not run."""
-    summary = f"metrics/{pipeline}/summary.json"
+    summary = summary_path(PipelinePaths(Path(), pipeline)).as_posix()
     return [
         ["metrics", "diff", *revs, "--targets", summary],
         ["plots", "diff", *revs, "--targets", *plot_ids(pipeline), "-o", out_dir],
     ]
+
+
+def command_line(dvc_args: list[str]) -> str:
+    """``$ dvc ...`` as a shell would take it: what exp-show and exp-diff print before running."""
+    return "$ dvc " + " ".join(shlex.quote(a) for a in dvc_args)
 
 
 def _git(root: Path, *args: str) -> str:
@@ -152,8 +158,7 @@ def record_baseline(root: Path, pipeline: str, config: Path, *, push: bool = Fal
             "DVC keeps the data out of git), then record the baseline"
         )
     status = _git(root, "status", "--porcelain", "--untracked-files=no").splitlines()
-    own = tuple(paths)
-    dirty = [line[3:] for line in status if not any(line[3:] == p or line[3:].startswith(p + "/") for p in own)]
+    dirty = [line[3:] for line in status if not any(line[3:] == p or line[3:].startswith(p + "/") for p in paths)]
     if dirty:
         raise SynthmedError(
             f"{len(dirty)} tracked file(s) have uncommitted changes (first: {dirty[0]}); commit or stash them "
