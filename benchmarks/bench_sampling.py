@@ -330,14 +330,7 @@ def score_steps(
     )
     fid = quality_metrics.fid(reference.features, synthetic_features)
     spec = reference.cfg.quality.realism
-    settings = realism.TwoSampleSettings(
-        folds=spec.folds,
-        epochs=realism_epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        bootstrap=spec.bootstrap,
-        max_per_class=spec.max_per_class,
-    )
+    settings = realism.TwoSampleSettings.from_spec(spec, epochs=realism_epochs)
     test = realism.two_sample_test(
         reference.images,
         reference.labels,

@@ -78,7 +78,7 @@ val) split plus the decoded synthetic images (N x C x H x W float32) and their f
   (:func:`tasks.features.extractor_quality`: ``metric``, ``value``, ``chance``,
   ``threshold``, ``reliable``, ...), ``used_by_filters`` and ``chose_kept_set``.
 - ``realism``: None when disabled, else ``{"two_sample": {auc, ci95_low, ci95_high, n_real,
-  n_synthetic, folds, grouping, network, epochs, bootstrap, reason, per_class: {label: {auc,
+  n_synthetic, folds, grouping, network, epochs, min_steps, bootstrap, reason, per_class: {label: {auc,
   ci95_low, ci95_high, n_real, n_synthetic}}}, "reference", "interpretation"}``.
 - ``gate``: ``{"passed": bool, "realism_passed": bool | None, "extractor_reliable": bool |
   None, "checks": [{metric, bound_name, bound, value, passed, status, ...}]}``
@@ -849,14 +849,7 @@ def _realism(
         return None
     kept = keep[scores.usable]
     synthetic_subjects = read_table(paths.synthetic, columns=["subject"]).column("subject").to_pylist()
-    settings = realism.TwoSampleSettings(
-        folds=spec.folds,
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        bootstrap=spec.bootstrap,
-        max_per_class=spec.max_per_class,
-    )
+    settings = realism.TwoSampleSettings.from_spec(spec)
     test = realism.two_sample_test(
         train.images,
         train.labels,

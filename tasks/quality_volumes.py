@@ -303,12 +303,8 @@ def _realism(
             note = POSITION_NOTE.format(block=POSITION_BLOCK_CUBES * side)
         else:
             groups, note = [None] * len(real_subjects), ONE_SUBJECT_NOTE  # None: row by row
-    settings = realism.TwoSampleSettings(
-        folds=spec.folds,
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        bootstrap=spec.bootstrap,
+    settings = realism.TwoSampleSettings.from_spec(
+        spec,
         max_per_class=JUDGE_SLICES * spec.max_per_class,  # cubes were balanced already
     )
     rng = np.random.default_rng(cfg.seed)

@@ -84,10 +84,18 @@ class TwoSampleSettings:
 
     folds: int = 5
     epochs: int = 30
+    min_steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
     bootstrap: int = 1000
     max_per_class: int = 300
+
+    @classmethod
+    def from_spec(cls, spec: Any, **overrides: Any) -> TwoSampleSettings:
+        """The settings of a ``quality.realism`` block (``tasks.config.RealismSpec``), with
+        ``overrides`` (e.g. ``epochs`` in a benchmark) replacing fields by name."""
+        fields = {name: getattr(spec, name) for name in cls.__dataclass_fields__}
+        return cls(**{**fields, **overrides})
 
 
 def build_discriminator(in_shape: Sequence[int]) -> nn.Module:
@@ -221,8 +229,8 @@ def _train_and_score(
     seed: int,
     device: str,
 ) -> np.ndarray:
-    """Train a fresh discriminator on rows ``train`` for ``settings.epochs`` passes; return
-    its probability of "synthetic" for rows ``test`` (float64 ``(len(test),)``)."""
+    """Train a fresh discriminator on rows ``train`` for :func:`passes` passes; return its
+    probability of "synthetic" for rows ``test`` (float64 ``(len(test),)``)."""
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -231,7 +239,7 @@ def _train_and_score(
     loss_fn = nn.BCEWithLogitsLoss()
     batch = min(settings.batch_size, len(train))
     model.train()
-    for _ in range(settings.epochs):
+    for _ in range(passes(len(train), batch, settings)):
         order = rng.permutation(train)
         for start in range(0, len(order) - batch + 1, batch):  # full batches only (batch norm)
             rows = np.sort(order[start : start + batch])
@@ -248,6 +256,17 @@ def _train_and_score(
             xb = torch.from_numpy(np.ascontiguousarray(images[test[start : start + 128]])).to(device)
             scores.append(torch.sigmoid(model(xb)[:, 0].float()).cpu().numpy())
     return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+
+
+def passes(n_train: int, batch: int, settings: TwoSampleSettings) -> int:
+    """Passes over ``n_train`` rows in full batches of ``batch``: ``settings.epochs``, or more
+    when that gives fewer than ``settings.min_steps`` optimizer steps. A fold of a small set
+    is otherwise barely trained (60 rows, batch 32: 1 step a pass, 30 in all) and the test
+    loses its power exactly where a reader leans on it: blurred pink mottling standing in
+    for IHC tissue tiles (38 per side) scored AUC 0.75 [0.62, 0.85] with 30 steps, 1.00
+    [1.00, 1.00] with 300 (docs/architecture.md, "The judge")."""
+    per_pass = max(1, n_train // max(1, batch))
+    return max(settings.epochs, -(-settings.min_steps // per_pass))
 
 
 def _empty(n_real: int, n_synthetic: int) -> dict[str, Any]:
@@ -282,7 +301,7 @@ def two_sample_test(
     rows' ``subject`` column (group ids; ``SYNTHETIC_SUBJECT`` or None = independent row;
     see the module docstring). Returns ``{"auc", "ci95_low",
     "ci95_high", "n_real", "n_synthetic", "folds", "grouping", "synthetic_grouping", "network", "epochs",
-    "bootstrap", "reason", "per_class": {label: {"auc", "ci95_low", "ci95_high", "n_real",
+    "min_steps", "bootstrap", "reason", "per_class": {label: {"auc", "ci95_low", "ci95_high", "n_real",
     "n_synthetic", "reason"}}}``; AUCs are None (with ``reason``) when fewer than MIN_PER_SIDE
     images per side are available, or (overall or per class) fewer than MIN_GROUPS_PER_SIDE
     groups on a side."""
@@ -305,6 +324,7 @@ def two_sample_test(
         "synthetic_grouping": None,
         "network": NETWORK,
         "epochs": settings.epochs,
+        "min_steps": settings.min_steps,
         "bootstrap": settings.bootstrap,
         "reason": None,
         "per_class": {},

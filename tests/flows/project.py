@@ -32,7 +32,7 @@ TINY = {
     "quality": {
         "label_consistency": {"enabled": True, "min_confidence": 0.0, "epochs": 1},
         "metrics": {"self_supervised_steps": 10},
-        "realism": {"folds": 2, "epochs": 2, "bootstrap": 100},
+        "realism": {"folds": 2, "epochs": 2, "min_steps": 0, "bootstrap": 100},
         "gate": {"max_two_sample_auc": None},
     },
     "retrain": {"steps": 4, "batch_size": 8, "seeds": [0, 1]},
@@ -62,7 +62,7 @@ TINY_3D = {
     "quality": {
         "label_consistency": {"enabled": False},
         "metrics": {"self_supervised_steps": 10},
-        "realism": {"folds": 2, "epochs": 1, "bootstrap": 100},
+        "realism": {"folds": 2, "epochs": 1, "min_steps": 0, "bootstrap": 100},
         "gate": {"max_two_sample_auc": None},
     },
     "retrain": {"task": "segmentation", "network": "unet", "steps": 4, "batch_size": 4, "seeds": [0, 1]},

@@ -83,7 +83,7 @@ def test_a_rejected_run_prints_no_traceback_and_no_error_line(tmp_path: Path) ->
     quality = {
         "label_consistency": {"enabled": True, "min_confidence": 0.0, "epochs": 1},
         "metrics": {"self_supervised_steps": 10},
-        "realism": {"folds": 2, "epochs": 2, "bootstrap": 100},
+        "realism": {"folds": 2, "epochs": 2, "min_steps": 0, "bootstrap": 100},
         "gate": {"max_two_sample_auc": None, "max_fid": 0.0},  # FID is never 0: the gate rejects, like the demo's
     }
     config = make_project(tmp_path / "proj", overrides={"quality": quality})

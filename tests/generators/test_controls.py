@@ -233,7 +233,7 @@ def test_real_holdout_rows_carry_their_slab_into_the_synthetic_set_and_the_two_s
     real = read_table(paths.real, splits=["train"])
     real_images = np.stack([decode_png(b) for b in real["image"].to_pylist()]).astype(np.float32) / 255
     synthetic_images = np.stack([decode_png(b) for b in synthetic["image"].to_pylist()]).astype(np.float32) / 255
-    settings = realism.TwoSampleSettings(folds=3, epochs=1, batch_size=8, bootstrap=20)
+    settings = realism.TwoSampleSettings(folds=3, epochs=1, min_steps=0, batch_size=8, bootstrap=20)
     args = (real_images, real["label"].to_pylist(), real["subject"].to_pylist(), synthetic_images)
     test = realism.two_sample_test(*args, synthetic["label"].to_pylist(), settings, seed=0, synthetic_subjects=groups)
     assert (test["grouping"], test["synthetic_grouping"], test["n_synthetic"]) == ("subject", "subject", 18)

@@ -25,7 +25,7 @@ FAST = {
     "quality": {
         "label_consistency": {"enabled": False},
         "metrics": {"self_supervised_steps": 10},
-        "realism": {"folds": 2, "epochs": 2, "bootstrap": 100},
+        "realism": {"folds": 2, "epochs": 2, "min_steps": 0, "bootstrap": 100},
         "gate": {"max_two_sample_auc": None},
     },
     "retrain": {"steps": 2, "batch_size": 8, "seeds": [0], "network": "resnet"},

@@ -47,6 +47,8 @@ def make_config(
                     "self_supervised_steps": 40,
                 },
                 "masks": {"enabled": False},  # paired-set filters: tests/tasks/test_mask_filters.py
+                # the judge's full training only where a test is about it: pass realism={}
+                "realism": {"min_steps": 0},
                 **quality,
             },
         }
@@ -229,7 +231,7 @@ def test_noise_generator_fails_the_realism_gate_after_writing_everything(
     noise = [rng.integers(0, 256, (1, 32, 32), dtype=np.uint8) for _ in labels]
     _write_rows(paths.synthetic, noise, labels, ["synthetic"] * 36, "noise@1")
     config = paths.root / "pipelines.yaml"
-    pipeline = make_config(label=False).model_dump(mode="json")
+    pipeline = make_config(label=False, realism={}).model_dump(mode="json")
     config.write_text(yaml.safe_dump({"pipelines": {paths.pipeline: pipeline}}))
 
     status = main(["stage", "filter", "--pipeline", paths.pipeline, "--config", str(config)])
@@ -278,7 +280,7 @@ def test_held_out_real_images_pass_the_realism_gate(tmp_path: Path) -> None:
         held_out.column("subject").to_pylist(),
         "held-out-real@1",
     )
-    result = filter_synthetic(make_config(epochs=20), paths)
+    result = filter_synthetic(make_config(epochs=20, realism={}), paths)
 
     quality = json.loads((paths.metrics / "quality.json").read_text())
     test = quality["realism"]["two_sample"]

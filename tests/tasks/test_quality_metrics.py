@@ -264,7 +264,7 @@ def stage_config(**quality: object) -> PipelineConfig:
                 "metrics": {"extractor": "random", "kid_subsets": 10, "ms_ssim_pairs": 30},
                 # the two-sample test runs (its gate is on by default), on a small budget: it is
                 # proven in tests/tasks/test_realism.py and test_filter.py
-                "realism": {"folds": 2, "epochs": 3, "bootstrap": 100},
+                "realism": {"folds": 2, "epochs": 3, "min_steps": 0, "bootstrap": 100},
                 **quality,
             },
         }
