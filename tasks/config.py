@@ -423,10 +423,8 @@ class RealismSpec(Strict):
     """The classifier two-sample test (:mod:`tasks.realism`): a small MONAI CNN trained to
     tell real train images from the kept synthetic ones, cross-validated over ``folds``
     folds (real rows grouped by subject), ``epochs`` passes per fold but at least
-    ``min_steps`` optimizer steps (more passes on a small set: 30 passes over 60 rows in
-    batches of 32 are 30 steps, too few to learn anything; blurred mottling standing in for
-    IHC tissue tiles, 38 per side, passed at AUC 0.75 [0.62, 0.85] that way and scores 1.00
-    [1.00, 1.00] with 300), batches of ``batch_size``, Adam ``lr``; at most
+    ``min_steps`` optimizer steps (more passes on a small set; why and what it measured:
+    ``tasks.realism.passes``), batches of ``batch_size``, Adam ``lr``; at most
     ``max_per_class`` images per side and class (the sides are balanced per class); AUC
     with a 95% cluster-bootstrap interval of ``bootstrap`` resamples, overall and per class.
     0.5 = indistinguishable. Lowering ``min_steps`` weakens the judge: keep it for real
@@ -451,7 +449,8 @@ class QualityGate(Strict):
     i.e. when a small CNN tells the synthetic images from real ones with AUC above 0.9
     beyond sampling noise. Measured: noise images and the demo DDPM's kept set give AUC
     1.00 [1.00, 1.00]; held-out real demo slices standing in as synthetic give 0.61
-    [0.40, 0.84] (val and test splits, 56 slices, grouped by slab). A test that could not run (fewer than 6 images per side) fails the bound.
+    [0.40, 0.84] (val and test splits, 56 slices, grouped by slab). A test that could not
+    run (fewer than 6 images per side) fails the bound.
     With ``realism.enabled: false`` the bound is recorded as not checked (and logged).
     The test runs on the KEPT set (what retraining would use): a class the filters dropped
     entirely, or with fewer than 2 independent groups (subjects/slabs) on a side, has no

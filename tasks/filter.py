@@ -78,8 +78,8 @@ val) split plus the decoded synthetic images (N x C x H x W float32) and their f
   (:func:`tasks.features.extractor_quality`: ``metric``, ``value``, ``chance``,
   ``threshold``, ``reliable``, ...), ``used_by_filters`` and ``chose_kept_set``.
 - ``realism``: None when disabled, else ``{"two_sample": {auc, ci95_low, ci95_high, n_real,
-  n_synthetic, folds, grouping, network, epochs, min_steps, bootstrap, reason, per_class: {label: {auc,
-  ci95_low, ci95_high, n_real, n_synthetic}}}, "reference", "interpretation"}``.
+  n_synthetic, folds, grouping, network, epochs, min_steps, bootstrap, reason, per_class:
+  {label: {auc, ci95_low, ci95_high, n_real, n_synthetic}}}, "reference", "interpretation"}``.
 - ``gate``: ``{"passed": bool, "realism_passed": bool | None, "extractor_reliable": bool |
   None, "checks": [{metric, bound_name, bound, value, passed, status, ...}]}``
   (:func:`tasks.quality_sets.check_gate`).

@@ -57,6 +57,7 @@ Deterministic for a seed on the same hardware, thread count and library versions
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -95,7 +96,7 @@ class TwoSampleSettings:
     def from_spec(cls, spec: Any, **overrides: Any) -> TwoSampleSettings:
         """The settings of a ``quality.realism`` block (``tasks.config.RealismSpec``), with
         ``overrides`` (e.g. ``epochs`` in a benchmark) replacing fields by name."""
-        fields = {name: getattr(spec, name) for name in cls.__dataclass_fields__}
+        fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(cls)}
         return cls(**{**fields, **overrides})
 
 
@@ -301,9 +302,9 @@ def two_sample_test(
     of each real row, for grouping (None = ungrouped); synthetic_subjects: the synthetic
     rows' ``subject`` column (group ids; ``SYNTHETIC_SUBJECT`` or None = independent row;
     see the module docstring). Returns ``{"auc", "ci95_low",
-    "ci95_high", "n_real", "n_synthetic", "folds", "grouping", "synthetic_grouping", "network", "epochs",
-    "min_steps", "bootstrap", "reason", "per_class": {label: {"auc", "ci95_low", "ci95_high", "n_real",
-    "n_synthetic", "reason"}}}``; AUCs are None (with ``reason``) when fewer than MIN_PER_SIDE
+    "ci95_high", "n_real", "n_synthetic", "folds", "grouping", "synthetic_grouping", "network",
+    "epochs", "min_steps", "bootstrap", "reason", "per_class": {label: {"auc", "ci95_low",
+    "ci95_high", "n_real", "n_synthetic", "reason"}}}``; AUCs are None (with ``reason``) when fewer than MIN_PER_SIDE
     images per side are available, or (overall or per class) fewer than MIN_GROUPS_PER_SIDE
     groups on a side."""
     if real_images.shape[1:] != synthetic_images.shape[1:] and len(synthetic_images):
